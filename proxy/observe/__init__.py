@@ -1,0 +1,1 @@
+"""Metrics, the audit log and the HTTP endpoint that serves them."""

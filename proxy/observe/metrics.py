@@ -1,0 +1,94 @@
+"""Every metric Topeng exports: name, type, help text and labels in one place.
+
+Labels stay low-cardinality: roles, decisions, reasons, labels, results. Never user names,
+query text or addresses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_ANALYSIS_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+
+CLIENT_CONNECTIONS = Gauge(
+    "topeng_client_connections", "Client connections open now.", registry=REGISTRY
+)
+CONNECTIONS = Counter(
+    "topeng_connections",
+    "Client connections by how they ended or were refused at startup.",
+    ["result"],
+    registry=REGISTRY,
+)
+SESSIONS_BY_ROLE = Gauge(
+    "topeng_sessions", "Authenticated sessions open now, by role.", ["role"], registry=REGISTRY
+)
+QUERIES = Counter(
+    "topeng_queries",
+    "Statements judged, by role and decision (allowed, masked, refused).",
+    ["role", "decision"],
+    registry=REGISTRY,
+)
+REFUSALS = Counter(
+    "topeng_refusals", "Refusals by role and reason.", ["role", "reason"], registry=REGISTRY
+)
+MASKED_VALUES = Counter(
+    "topeng_masked_values",
+    "Values masked, by role and label.",
+    ["role", "label"],
+    registry=REGISTRY,
+)
+ROWS = Counter("topeng_rows", "Result rows sent to clients, by role.", ["role"], registry=REGISTRY)
+BYTES = Counter(
+    "topeng_bytes",
+    "Bytes relayed, by direction (in: from clients, out: to clients).",
+    ["direction"],
+    registry=REGISTRY,
+)
+QUERY_DURATION = Histogram(
+    "topeng_query_duration_seconds",
+    "Time from a statement to its result's end, by role.",
+    ["role"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ANALYSIS_DURATION = Histogram(
+    "topeng_analysis_duration_seconds",
+    "Time to analyse one statement (cache misses included).",
+    buckets=_ANALYSIS_BUCKETS,
+    registry=REGISTRY,
+)
+ANALYSIS_CACHE = Counter(
+    "topeng_analysis_cache",
+    "Analysis cache lookups by result (hit, miss).",
+    ["result"],
+    registry=REGISTRY,
+)
+ANALYSIS_CACHE_SIZE = Gauge(
+    "topeng_analysis_cache_entries", "Statements in the analysis cache.", registry=REGISTRY
+)
+RULES_RELOADS = Counter(
+    "topeng_rules_reloads", "Rules reloads by result (ok, error).", ["result"], registry=REGISTRY
+)
+RULES_LAST_RELOAD_SUCCESS = Gauge(
+    "topeng_rules_last_reload_success",
+    "1 if the last rules load succeeded, else 0.",
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "topeng_upstream_errors",
+    "Failures talking to the server, by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+UPSTREAM_CONNECT_DURATION = Histogram(
+    "topeng_upstream_connect_duration_seconds",
+    "Time to connect to the server (TLS included).",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TLS_HANDSHAKES = Counter(
+    "topeng_tls_handshakes", "Client TLS handshakes by result.", ["result"], registry=REGISTRY
+)

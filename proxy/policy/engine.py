@@ -1,0 +1,46 @@
+"""Statement policies the session consults, chosen per session once its role is known."""
+
+from __future__ import annotations
+
+from proxy.policy.decision import ALLOW, FEATURE_NOT_SUPPORTED, Allow, Decision, Refuse
+from proxy.session import RowRewriter
+from proxy.wire import messages as m
+
+
+class AllowAll:
+    """Tracks the protocol but changes nothing: for unrestricted sessions under `track_all`."""
+
+    def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
+        return ALLOW
+
+    def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision:
+        return ALLOW
+
+    def judge_function_call(self, call: m.FunctionCall) -> Decision:
+        return ALLOW
+
+    def plan_rows(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> RowRewriter | None:
+        return None
+
+
+class RefuseAll:
+    """Fail closed: every statement refused, with the reason given."""
+
+    def __init__(self, message: str, detail: str | None = None, hint: str | None = None) -> None:
+        self.refusal = Refuse(FEATURE_NOT_SUPPORTED, message, detail, hint, reason="unsupported")
+
+    def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
+        return self.refusal
+
+    def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision:
+        return self.refusal
+
+    def judge_function_call(self, call: m.FunctionCall) -> Decision:
+        return self.refusal
+
+    def plan_rows(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> RowRewriter | None:
+        raise AssertionError("RefuseAll never lets rows through")

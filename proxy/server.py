@@ -1,0 +1,679 @@
+"""The asyncio side: listeners, TLS, upstream connections, cancel routing, shutdown.
+
+Strategy: one `Connection` per client. Its startup runs as a coroutine (read the startup packet,
+negotiate TLS, connect to the server, relay the password exchange, decide the role); from then on
+both directions are handled in `data_received` callbacks that feed the sans-I/O `Session` and
+write what it returns, so the hot path has no task switches and forwards whole chunks.
+
+Cancel requests are forwarded to the server as they came: Topeng hands clients the server's own
+BackendKeyData, so a cancel works whichever worker process or Topeng instance receives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from proxy.config import Config
+from proxy.observe import metrics
+from proxy.observe.http import start_http
+from proxy.pipe import Pipe
+from proxy.policy.engine import AllowAll, RefuseAll
+from proxy.policy.store import RulesStore
+from proxy.session import InternalResult, Phase, Session, StatementPolicy
+from proxy.tasks import spawn
+from proxy.wire import messages as m
+from proxy.wire.framing import BACKEND_LIMITS, FRONTEND_LIMITS, ProtocolViolation, StartupReader
+from proxy.wire.startup import (
+    SSL_REQUEST,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    decode_startup_packet,
+)
+
+log = logging.getLogger("topeng")
+
+PROTOCOL_VIOLATION = "08P01"
+CONNECTION_FAILURE = "08006"
+TOO_MANY_CONNECTIONS = "53300"
+ADMIN_SHUTDOWN = "57P01"
+IDLE_SESSION_TIMEOUT = "57P05"
+INVALID_AUTHORIZATION = "28000"
+
+MEMBERSHIP_SQL = (
+    "SELECT r.rolname FROM pg_catalog.pg_roles r "
+    "WHERE r.rolname <> session_user "
+    "AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER')"
+)
+
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class SessionEnded(Exception):
+    """Raised inside a connection's startup when it is over; the message was already sent."""
+
+
+class Connection:
+    """One client and its upstream connection."""
+
+    def __init__(self, proxy: Proxy, client: Pipe) -> None:
+        self.proxy = proxy
+        self.config = proxy.config
+        self.client = client
+        self.upstream: Pipe | None = None
+        self.session: Session | None = None
+        self.role = ""
+        self.peer = self._peer_name()
+        self.last_activity = time.monotonic()
+        self.closing = False
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._internal_done: asyncio.Future[None] | None = None
+        self._authenticated: asyncio.Future[None] | None = None
+
+    def _peer_name(self) -> str:
+        t = self.client.transport
+        peer = t.get_extra_info("peername") if t is not None else None
+        if isinstance(peer, tuple):
+            return f"{peer[0]}:{peer[1]}"
+        return "unix"
+
+    # ------------------------------------------------------------------ startup
+
+    async def run(self) -> None:
+        result = "ok"
+        try:
+            async with asyncio.timeout(self.config.startup_timeout or None):
+                startup = await self._read_startup()
+                if startup is None:
+                    result = "cancel"
+                    return
+                await self._connect_upstream(startup)
+                await self._authenticate()
+                await self._setup()
+            # From here on all traffic is handled in the pipes' callbacks.
+            await self._done
+        except TimeoutError:
+            result = "startup_timeout"
+            log.info("client %s: startup timed out", self.peer)
+            self._fatal(
+                PROTOCOL_VIOLATION,
+                "topeng: startup timed out: the client did not "
+                "finish connecting and authenticating in time",
+            )
+        except SessionEnded as exc:
+            result = str(exc) or "refused"
+        except ProtocolViolation as exc:
+            result = "protocol_error"
+            log.info("client %s: protocol violation during startup: %s", self.peer, exc)
+            self._fatal(PROTOCOL_VIOLATION, f"topeng: protocol violation: {exc}")
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            result = "network_error"
+            log.info("client %s: connection failed: %s", self.peer, exc)
+        finally:
+            metrics.CONNECTIONS.labels(result).inc()
+            self._teardown()
+
+    async def _read_startup(self) -> StartupMessage | None:
+        reader = StartupReader()
+        tls_done = False
+        while True:
+            packet = None
+            while packet is None:
+                data = await self.client.read()
+                if not data:
+                    raise SessionEnded("client_gone")
+                reader.feed(data)
+                got = reader.next_packet()
+                if got is not None:
+                    packet = decode_startup_packet(*got)
+            if isinstance(packet, SSLRequest):
+                if tls_done:
+                    raise ProtocolViolation("SSLRequest after the TLS handshake")
+                if reader.pending() or self.client.take_buffered():
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                if self.config.client_tls == "disable" or self.proxy.client_ssl is None:
+                    self.client.write(b"N")
+                    continue
+                self.client.write(b"S")
+                await self._start_client_tls()
+                tls_done = True
+                continue
+            if isinstance(packet, GSSENCRequest):
+                if reader.pending():
+                    raise ProtocolViolation("received unencrypted data after GSSENC request")
+                self.client.write(b"N")
+                continue
+            if isinstance(packet, CancelRequest):
+                await self.proxy.forward_cancel(packet)
+                return None
+            if reader.pending():
+                raise ProtocolViolation("data after the startup packet before authentication")
+            assert isinstance(packet, StartupMessage)
+            if self.config.client_tls == "require" and not tls_done:
+                self._fatal(
+                    INVALID_AUTHORIZATION, "topeng: TLS is required: connect with sslmode=require"
+                )
+                raise SessionEnded("tls_required")
+            if packet.get("replication") not in (None, "false", "0", "off", "no"):
+                self._fatal("0A000", "topeng: replication connections are not proxied")
+                raise SessionEnded("refused")
+            if self.proxy.over_limit:
+                self._fatal(
+                    TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                    hint=f"Topeng accepts {self.config.max_client_connections} client "
+                    "connections per process (max_client_connections).",
+                )
+                raise SessionEnded("too_many")
+            return packet
+
+    async def _start_client_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport = self.client.transport
+        assert transport is not None and self.proxy.client_ssl is not None
+        try:
+            new = await loop.start_tls(
+                transport,
+                self.client,
+                self.proxy.client_ssl,
+                server_side=True,
+                ssl_handshake_timeout=self.config.startup_timeout or None,
+            )
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            metrics.TLS_HANDSHAKES.labels("error").inc()
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            raise SessionEnded("tls_error") from exc
+        if new is None:
+            raise SessionEnded("tls_error")
+        metrics.TLS_HANDSHAKES.labels("ok").inc()
+        self.client.transport = new
+
+    async def _connect_upstream(self, startup: StartupMessage) -> None:
+        started = time.monotonic()
+        try:
+            self.upstream = await self.proxy.open_upstream()
+        except (OSError, TimeoutError, ssl.SSLError, UpstreamRefused) as exc:
+            metrics.UPSTREAM_ERRORS.labels("connect").inc()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            why = why or type(exc).__name__
+            log.warning("cannot connect to the server at %s: %s", self.config.upstream, why)
+            self._fatal(
+                CONNECTION_FAILURE,
+                f"topeng: cannot connect to the server at {self.config.upstream}: {why}",
+            )
+            raise SessionEnded("upstream_error") from exc
+        metrics.UPSTREAM_CONNECT_DURATION.observe(time.monotonic() - started)
+        self.session = Session(
+            startup,
+            client_limits=self.proxy.client_limits,
+            server_limits=self.proxy.server_limits,
+        )
+        self.upstream.peer = self.client
+        self.client.peer = self.upstream
+        self.upstream.write(startup.encode())
+
+    async def _authenticate(self) -> None:
+        """Relay the password exchange until the server's first ReadyForQuery."""
+        session = self.session
+        upstream = self.upstream
+        assert session is not None and upstream is not None
+        loop = asyncio.get_running_loop()
+        self._authenticated = loop.create_future()
+        self._attach()
+        leftover = self.client.take_buffered()
+        if leftover:
+            self._on_client_data(leftover)
+        early = upstream.take_buffered()
+        if early:
+            self._on_server_data(early)
+        await self._authenticated
+        if session.phase is not Phase.SETUP:
+            raise SessionEnded("auth_failed")
+
+    async def _setup(self) -> None:
+        """Decide the role, then hand the session to the client."""
+        session = self.session
+        assert session is not None
+        store = self.proxy.rules
+        rules = store.current
+        memberships: frozenset[str] | None = None
+        if store.needs_membership(rules, session.user):
+            result = await self._internal(MEMBERSHIP_SQL)
+            if result.error is not None:
+                self._fatal(
+                    "XX000", f"topeng: could not look up role membership: {result.error.message}"
+                )
+                raise SessionEnded("setup_error")
+            memberships = frozenset(r[0] for r in result.rows if r[0] is not None)
+        match = store.resolve(rules, session.user, memberships)
+        self.role = match.role.name
+        policy: StatementPolicy | None
+        if match.role.unrestricted:
+            policy = AllowAll() if self.config.track_all else None
+        else:
+            policy = RefuseAll(
+                f"topeng: role {match.role.name!r} is restricted and statement analysis is "
+                "not available in this version",
+                detail=match.reason,
+                hint="Ask your DBA for an unrestricted role, or upgrade Topeng.",
+            )
+        log.debug(
+            "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
+        )
+        metrics.SESSIONS_BY_ROLE.labels(self.role).inc()
+        to_server = session.begin(policy=policy)
+        self._flush(to_server)
+
+    async def _internal(self, sql: str) -> InternalResult:
+        session = self.session
+        assert session is not None
+        self._internal_done = asyncio.get_running_loop().create_future()
+        result = session.start_internal(sql)
+        session.on_internal_done = self._on_internal_done
+        self._flush(b"")
+        await self._internal_done
+        return result
+
+    def _on_internal_done(self, result: object) -> None:
+        if self._internal_done is not None and not self._internal_done.done():
+            self._internal_done.set_result(None)
+
+    # ------------------------------------------------------------------ relay
+
+    def _attach(self) -> None:
+        assert self.upstream is not None
+        self.client.on_data = self._on_client_data
+        self.upstream.on_data = self._on_server_data
+        self.client.on_lost = self._on_client_lost
+        self.upstream.on_lost = self._on_server_lost
+        for pipe in (self.client, self.upstream):
+            if pipe.transport is not None:
+                pipe.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.client.closed:
+            self._on_client_lost(None)
+        if self.upstream.closed:
+            self._on_server_lost(None)
+
+    def _flush(self, to_server: bytes) -> None:
+        session = self.session
+        assert session is not None and self.upstream is not None
+        extra = session.take_to_server()
+        if to_server:
+            self.upstream.write(to_server)
+        if extra:
+            self.upstream.write(extra)
+        to_client = session.take_to_client()
+        if to_client:
+            self.client.write(to_client)
+
+    def _on_client_data(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None and self.upstream is not None
+        self.last_activity = time.monotonic()
+        try:
+            out = session.from_client(data)
+        except ProtocolViolation as exc:
+            log.info("client %s: protocol violation: %s", self.peer, exc)
+            self._fatal(PROTOCOL_VIOLATION, f"topeng: protocol violation: {exc}")
+            self._end("protocol_error")
+            return
+        if out:
+            self.upstream.write(out)
+        to_client = session.take_to_client()
+        if to_client:
+            self.client.write(to_client)
+        if session.terminated:
+            self._end("ok")
+
+    def _on_server_data(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            out = session.from_server(data)
+        except ProtocolViolation as exc:
+            metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+            log.warning("client %s: the server broke the protocol: %s", self.peer, exc)
+            self._fatal(PROTOCOL_VIOLATION, f"topeng: the server broke the protocol: {exc}")
+            self._end("upstream_protocol_error")
+            return
+        if out:
+            self.client.write(out)
+        extra = session.take_to_server()
+        if extra and self.upstream is not None:
+            self.upstream.write(extra)
+        auth = self._authenticated
+        if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
+            auth.set_result(None)
+
+    def _on_client_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is not None and session.phase is Phase.READY and not session.idle:
+            # The client vanished with a statement running: stop it on the server.
+            key = session.backend_key
+            if key is not None:
+                spawn(self.proxy.forward_cancel(CancelRequest(key.process_id, key.secret_key)))
+        self._end("client_gone")
+
+    def _on_server_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            metrics.UPSTREAM_ERRORS.labels("lost").inc()
+            session = self.session
+            at_boundary = session is None or session.phase is not Phase.READY or session.idle
+            if at_boundary or (session is not None and session.mode == "tracked"):
+                self._fatal(CONNECTION_FAILURE, "topeng: lost the connection to the server")
+        self._end("upstream_lost")
+
+    # ------------------------------------------------------------------ ending
+
+    def _fatal(self, sqlstate: str, message: str, *, hint: str | None = None) -> None:
+        if self.client.closed or self.closing:
+            return
+        self.client.write(m.error_response(sqlstate, message, severity="FATAL", hint=hint))
+
+    def close_for(self, sqlstate: str, message: str) -> None:
+        """End this session from outside (shutdown, idle timeout) with a FATAL error."""
+        self._fatal(sqlstate, message)
+        self._end("closed_by_topeng")
+
+    def _end(self, why: str) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+        auth = self._authenticated
+        if auth is not None and not auth.done():
+            auth.set_result(None)
+        if self._internal_done is not None and not self._internal_done.done():
+            self._internal_done.set_exception(SessionEnded(why))
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            session = self.session
+            if session is not None and session.phase is Phase.READY and session.idle:
+                upstream.write(m.TERMINATE)
+            upstream.close()
+        if not self.client.closed:
+            self.client.close()
+        if self.role:
+            metrics.SESSIONS_BY_ROLE.labels(self.role).dec()
+        session = self.session
+        if session is not None:
+            c = session.counters
+            metrics.BYTES.labels("in").inc(c.bytes_in)
+            metrics.BYTES.labels("out").inc(c.bytes_out)
+            if self.role:
+                metrics.ROWS.labels(self.role).inc(c.rows)
+        self.proxy.forget(self)
+
+
+class UpstreamRefused(Exception):
+    """The server would not speak TLS although the configuration demands it."""
+
+
+class _ClientPipe(Pipe):
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.proxy.accept(self)
+
+
+class Proxy:
+    """All listeners and sessions of one process."""
+
+    def __init__(self, config: Config, rules: RulesStore) -> None:
+        self.config = config
+        self.rules = rules
+        self.connections: set[Connection] = set()
+        self.servers: list[asyncio.Server] = []
+        self.http: asyncio.AbstractServer | None = None
+        self.client_ssl = self._client_ssl_context()
+        self.upstream_ssl = self._upstream_ssl_context()
+        self.client_limits = replace(FRONTEND_LIMITS, max_message=config.max_message_size)
+        # The server is trusted to send what it sends (a DataRow may reach 1 GB).
+        self.server_limits = replace(BACKEND_LIMITS, max_message=1024 * 1024 * 1024)
+        self.shutting_down = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- TLS contexts
+
+    def _client_ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    def _upstream_ssl_context(self) -> ssl.SSLContext | None:
+        mode = self.config.upstream_tls
+        if mode == "disable":
+            return None
+        if mode == "verify-full":
+            ctx = ssl.create_default_context(cafile=self.config.upstream_tls_ca)
+            return ctx
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # -- lifecycle
+
+    @property
+    def over_limit(self) -> bool:
+        return len(self.connections) > self.config.max_client_connections
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        reuse = self.config.workers > 1
+        for addr in self.config.listen:
+            if addr.path:
+                server = await loop.create_unix_server(lambda: _ClientPipe(self), addr.path)
+            else:
+                server = await loop.create_server(
+                    lambda: _ClientPipe(self),
+                    addr.host,
+                    addr.port,
+                    reuse_port=reuse or None,
+                    backlog=4096,
+                )
+            self.servers.append(server)
+        if self.config.metrics_listen is not None:
+            ma = self.config.metrics_listen
+            self.http = await start_http(ma.host, ma.port, self.ready, reuse_port=reuse)
+        self._sweeper = spawn(self._sweep(), name="topeng-sweeper")
+
+    @property
+    def ports(self) -> list[int]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    out.append(int(name[1]))
+        return out
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.shutting_down:
+            return False, "shutting down"
+        try:
+            pipe = await self._connect_raw()
+        except (OSError, TimeoutError) as exc:
+            return False, f"upstream unreachable: {exc}"
+        pipe.close()
+        return True, "ready"
+
+    def accept(self, pipe: _ClientPipe) -> None:
+        if self.shutting_down:
+            pipe.abort()
+            return
+        conn = Connection(self, pipe)
+        self.connections.add(conn)
+        metrics.CLIENT_CONNECTIONS.set(len(self.connections))
+        spawn(conn.run())
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        metrics.CLIENT_CONNECTIONS.set(len(self.connections))
+        if self.shutting_down and not self.connections:
+            self._stopped.set()
+
+    async def _sweep(self) -> None:
+        """Once a second: idle timeouts, and during shutdown, closing sessions once idle."""
+        while True:
+            await asyncio.sleep(1.0 if not self.shutting_down else 0.1)
+            now = time.monotonic()
+            idle_limit = self.config.idle_timeout
+            for conn in list(self.connections):
+                session = conn.session
+                if session is None or session.phase is not Phase.READY:
+                    continue
+                if self.shutting_down and session.idle:
+                    conn.close_for(
+                        ADMIN_SHUTDOWN, "terminating connection due to administrator command"
+                    )
+                elif idle_limit and now - conn.last_activity > idle_limit and session.idle:
+                    conn.close_for(
+                        IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"
+                    )
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let sessions finish their transaction for `grace` seconds; close."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("shutting down: %d sessions, grace %.0fs", len(self.connections), grace)
+        for server in self.servers:
+            server.close()
+        if self.http is not None:
+            self.http.close()
+        if self.connections and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=grace)
+        for conn in list(self.connections):
+            conn.close_for(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    # -- upstream
+
+    async def _connect_raw(self) -> Pipe:
+        loop = asyncio.get_running_loop()
+        addr = self.config.upstream
+        timeout = self.config.connect_timeout or None
+        async with asyncio.timeout(timeout):
+            if addr.path:
+                _, pipe = await loop.create_unix_connection(Pipe, addr.path)
+            else:
+                _, pipe = await loop.create_connection(Pipe, addr.host, addr.port)
+        transport = pipe.transport
+        if transport is not None and not addr.path:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return pipe
+
+    async def open_upstream(self) -> Pipe:
+        pipe = await self._connect_raw()
+        ctx = self.upstream_ssl
+        if ctx is None:
+            return pipe
+        try:
+            async with asyncio.timeout(self.config.connect_timeout or None):
+                pipe.write(SSL_REQUEST)
+                answer = await pipe.read()
+                if answer[:1] == b"S" and len(answer) == 1:
+                    loop = asyncio.get_running_loop()
+                    assert pipe.transport is not None
+                    host = self.config.upstream.host
+                    new = await loop.start_tls(
+                        pipe.transport,
+                        pipe,
+                        ctx,
+                        server_hostname=host if ctx.check_hostname else None,
+                    )
+                    pipe.transport = new
+                    return pipe
+                if answer[:1] == b"N" and self.config.upstream_tls == "prefer":
+                    return pipe
+        except BaseException:
+            pipe.abort()
+            raise
+        pipe.abort()
+        raise UpstreamRefused("the server does not accept TLS, and upstream_tls requires it")
+
+    async def forward_cancel(self, request: CancelRequest) -> None:
+        """Pass a client's CancelRequest to the server, as PostgreSQL itself would get it."""
+        try:
+            pipe = await self._connect_raw()
+        except (OSError, TimeoutError) as exc:
+            metrics.UPSTREAM_ERRORS.labels("cancel").inc()
+            log.info("could not forward a cancel request: %s", exc)
+            return
+        pipe.write(request.encode())
+        # The server closes the connection without a reply once it has read the request.
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(5):
+                while await pipe.read():
+                    pass
+        pipe.close()
+
+
+def install_signal_handlers(
+    proxy: Proxy, on_reload: Callable[[], None], stop: asyncio.Event
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    def graceful() -> None:
+        log.info("SIGTERM: finishing sessions, then stopping")
+        spawn(_stop(proxy, proxy.config.shutdown_grace, stop))
+
+    def immediate() -> None:
+        log.info("SIGINT: stopping now")
+        spawn(_stop(proxy, 0.0, stop))
+
+    loop.add_signal_handler(signal.SIGTERM, graceful)
+    loop.add_signal_handler(signal.SIGINT, immediate)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+
+
+async def _stop(proxy: Proxy, grace: float, stop: asyncio.Event) -> None:
+    await proxy.shutdown(grace)
+    stop.set()
+
+
+async def serve(config: Config, rules: RulesStore) -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    proxy = Proxy(config, rules)
+    await proxy.start()
+    stop = asyncio.Event()
+    install_signal_handlers(proxy, rules.request_reload, stop)
+    watcher = spawn(rules.watch(), name="topeng-rules-watch")
+    log.info(
+        "topeng listening on %s, upstream %s, rules %s",
+        ", ".join(str(a) for a in config.listen),
+        config.upstream,
+        config.rules,
+    )
+    await stop.wait()
+    watcher.cancel()

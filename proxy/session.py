@@ -1,0 +1,790 @@
+"""One client's conversation with the database, sans-I/O.
+
+Strategy: the session is fed the bytes each side sends (`from_client`, `from_server`) and
+returns the bytes to pass on; anything it must say itself (a refusal, a fatal error) is queued
+and taken with `take_to_client()` / `take_to_server()`. It never touches a socket and never
+imports asyncio, so every behaviour here is tested by feeding bytes.
+
+A session goes through three phases:
+
+- AUTH: the client's StartupMessage has gone to the server and the password exchange is relayed
+  as it is. The server's verdict comes back unchanged; AuthenticationOk makes the user known.
+- SETUP: the server has said ReadyForQuery for the first time. Topeng holds that message back
+  while the caller decides the session's role (possibly running its own queries on this same
+  upstream connection with `start_internal`), then calls `begin(...)`.
+- READY: normal traffic, in one of two modes.
+
+  * `fast` (unrestricted roles): nothing needs changing, so bytes are forwarded as they came, in
+    whole chunks; a `MessageScanner` walks only the message headers to keep the transaction
+    state and counts.
+  * `tracked` (restricted roles): every client message is framed and judged, and a queue of the
+    replies the server owes (`Pending`) ties every RowDescription, DataRow and CommandComplete
+    to the statement and portal that produced it, under pipelining and after errors
+    (the server skips to Sync after an error in the extended protocol, and so does the queue).
+
+Refusals keep the server authoritative: a refused message is replaced by a "poison" message
+that the server is certain to reject (a syntax error, an unknown portal), and the server's
+error is then replaced by Topeng's refusal. So the transaction state, skip-until-Sync and every
+later reply come from PostgreSQL itself, exactly as if PostgreSQL had refused the statement.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.policy.decision import ALLOW, Allow, Decision, Mask, Refuse
+from proxy.wire import messages as m
+from proxy.wire.framing import (
+    BACKEND_LIMITS,
+    FRONTEND_LIMITS,
+    Limits,
+    MessageReader,
+    MessageScanner,
+    ProtocolViolation,
+)
+from proxy.wire.startup import StartupMessage
+
+# Message type bytes.
+Q, P, B, DESC, E, CLOSE, S, H, F, X = (ord(c) for c in "QPBDECSHFX")
+COPY_DATA, COPY_DONE, COPY_FAIL, PASSWORD = (ord(c) for c in "dcfp")
+AUTH, KEY, PARAM_STATUS, READY = (ord(c) for c in "RKSZ")
+ROW_DESC, DATA_ROW, CMD_COMPLETE, EMPTY_QUERY = (ord(c) for c in "TDCI")
+ERROR, NOTICE, NOTIFY, PARAM_DESC, NO_DATA = (ord(c) for c in "ENAtn")
+PARSE_OK, BIND_OK, CLOSE_OK, SUSPENDED = (ord(c) for c in "123s")
+COPY_IN, COPY_OUT, COPY_BOTH, FUNC_RESULT, NEGOTIATE = (ord(c) for c in "GHWVv")
+
+# What a refused message is replaced with: statements the server is certain to reject.
+POISON_SQL = "TOPENG_REFUSED"
+POISON_NAME = "topeng_refused\x01"  # no client can have created a statement of this name
+
+# CommandComplete tags after which the schema may have changed.
+DDL_TAGS = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE", b"SECURITY LABEL")
+
+
+class Phase(enum.Enum):
+    AUTH = "auth"
+    SETUP = "setup"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class Kind(enum.Enum):
+    """What reply group a Pending entry waits for."""
+
+    SIMPLE = "simple"  # Query: results until ReadyForQuery
+    INTERNAL = "internal"  # Topeng's own Query: results go to Topeng, not the client
+    PARSE = "parse"
+    BIND = "bind"
+    DESCRIBE_STATEMENT = "describe_statement"
+    DESCRIBE_PORTAL = "describe_portal"
+    EXECUTE = "execute"
+    CLOSE = "close"
+    SYNC = "sync"
+    FUNCTION = "function"
+
+
+EXTENDED = frozenset(
+    {
+        Kind.PARSE,
+        Kind.BIND,
+        Kind.DESCRIBE_STATEMENT,
+        Kind.DESCRIBE_PORTAL,
+        Kind.EXECUTE,
+        Kind.CLOSE,
+    }
+)
+
+
+class RowRewriter(Protocol):
+    """Rewrites one DataRow body; returns the whole new message."""
+
+    def __call__(self, body: memoryview) -> bytes: ...
+
+
+class StatementPolicy(Protocol):
+    """Judges what a restricted role sends; implemented by proxy.policy."""
+
+    def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
+        """A simple-protocol Query: one decision per statement, a refusal of the whole, or
+        Allow for the whole (every statement, whatever it returns, passes unchanged)."""
+        ...
+
+    def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision: ...
+
+    def judge_function_call(self, call: m.FunctionCall) -> Decision: ...
+
+    def plan_rows(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> RowRewriter | None:
+        """How to rewrite the rows of one result; None when they pass as they are."""
+        ...
+
+
+@dataclass(slots=True)
+class Statement:
+    """A prepared statement as Topeng knows it."""
+
+    name: str
+    sql: str
+    decision: Decision
+    description: m.RowDescription | None = None
+    created: bool = False  # ParseComplete seen
+
+
+@dataclass(slots=True)
+class Portal:
+    name: str
+    statement: Statement
+    result_formats: tuple[int, ...]
+    description: m.RowDescription | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """The result set currently streaming: how its rows are rewritten."""
+
+    decision: Decision
+    rewriter: RowRewriter | None
+    rows: int = 0
+
+
+@dataclass(slots=True)
+class InternalResult:
+    """What one of Topeng's own queries returned."""
+
+    columns: tuple[str, ...] = ()
+    rows: list[tuple[str | None, ...]] = field(default_factory=list)
+    error: m.ErrorFields | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Pending:
+    kind: Kind
+    refusal: Refuse | None = None
+    statement: Statement | None = None
+    portal: Portal | None = None
+    portal_name: str = ""
+    decisions: tuple[Decision, ...] = ()  # SIMPLE: one per statement
+    allow_all: bool = False  # SIMPLE: every statement allowed as it is
+    index: int = 0  # SIMPLE: which statement's results are streaming
+    internal: InternalResult | None = None
+    new_statement: bool = False  # PARSE: this Parse registered the statement
+
+
+@dataclass(slots=True)
+class Counters:
+    """What a session did, for metrics; read and reset by the caller."""
+
+    queries: int = 0
+    refused: int = 0
+    masked: int = 0
+    rows: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _tx_is_idle(status: str) -> bool:
+    return status == "I"
+
+
+class Session:
+    """One client's conversation. See the module docstring."""
+
+    def __init__(
+        self,
+        startup: StartupMessage,
+        *,
+        client_limits: Limits = FRONTEND_LIMITS,
+        server_limits: Limits = BACKEND_LIMITS,
+    ) -> None:
+        self.startup = startup
+        self.user = startup.user
+        self.database = startup.database
+        self.phase = Phase.AUTH
+        self.authenticated = False
+        self.mode = "fast"
+        self.policy: StatementPolicy | None = None
+        self.transaction_status = "I"
+        self.parameters: dict[str, str] = {}
+        self.backend_key: m.BackendKeyData | None = None
+        self.auth_error: m.ErrorFields | None = None
+        self.terminated = False  # the client sent Terminate
+        self.schema_changed = False  # a DDL command completed since last looked
+        self.counters = Counters()
+        self.client_limits = client_limits
+        self.server_limits = server_limits
+        self._client = MessageReader(client_limits)
+        self._server = MessageReader(server_limits)
+        self._client_scan: MessageScanner | None = None
+        self._server_scan: MessageScanner | None = None
+        self._to_client: list[bytes] = []
+        self._to_server: list[bytes] = []
+        self._held_ready: bytes | None = None
+        self._held_client: list[bytes] = []
+        self._queue: deque[Pending] = deque()
+        self._statements: dict[str, Statement] = {}
+        self._portals: dict[str, Portal] = {}
+        self._result: Result | None = None
+        self._copy_in = False
+        self._outstanding = 0  # fast mode: Query/Sync/FunctionCall sent minus ReadyForQuery seen
+        self._fast_seen_queries = 0
+        self.on_internal_done: Callable[[InternalResult], None] | None = None
+
+    # ------------------------------------------------------------------ output queues
+
+    def take_to_client(self) -> bytes:
+        if not self._to_client:
+            return b""
+        out = b"".join(self._to_client)
+        self._to_client.clear()
+        return out
+
+    def take_to_server(self) -> bytes:
+        if not self._to_server:
+            return b""
+        out = b"".join(self._to_server)
+        self._to_server.clear()
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and no transaction open: the session can be closed cleanly."""
+        if self.phase is not Phase.READY or self._copy_in:
+            return False
+        if not _tx_is_idle(self.transaction_status):
+            return False
+        if self.mode == "fast":
+            return self._outstanding <= 0 and bool(
+                self._client_scan
+                and self._client_scan.at_boundary()
+                and self._server_scan
+                and self._server_scan.at_boundary()
+            )
+        return not self._queue and self._client.pending() == 0 and self._server.pending() == 0
+
+    # ------------------------------------------------------------------ client side
+
+    def from_client(self, data: bytes) -> bytes:
+        """Bytes from the client; returns the bytes to send to the server."""
+        self.counters.bytes_in += len(data)
+        if self.phase is Phase.READY:
+            if self.mode == "fast":
+                return self._fast_client(data)
+            return self._tracked_client(data)
+        if self.phase is Phase.AUTH:
+            return self._auth_client(data)
+        if self.phase is Phase.SETUP:
+            # Nothing the client says is acted on until its role is known.
+            self._held_client.append(bytes(data))
+            return b""
+        return b""
+
+    def _auth_client(self, data: bytes) -> bytes:
+        reader = self._client
+        reader.feed(data)
+        out: list[bytes | memoryview] = []
+        while (msg := reader.next_raw()) is not None:
+            mtype, _, raw = msg
+            if mtype == X:
+                self.terminated = True
+                out.append(raw)
+                break
+            if mtype != PASSWORD:
+                raise ProtocolViolation(
+                    f"expected a password response, got message type {chr(mtype)!r}"
+                )
+            out.append(raw)
+        return b"".join(out)
+
+    def _fast_client(self, data: bytes) -> bytes:
+        scan = self._client_scan
+        assert scan is not None
+        counts = scan.counts
+        before = counts[Q] + counts[S] + counts[F]
+        scan.feed(data)
+        sent = counts[Q] + counts[S] + counts[F] - before
+        if sent:
+            self._outstanding += sent
+            self.counters.queries += counts[Q] + counts[E] - self._fast_seen_queries
+            self._fast_seen_queries = counts[Q] + counts[E]
+        if counts[X]:
+            self.terminated = True
+        return data
+
+    def _tracked_client(self, data: bytes) -> bytes:
+        reader = self._client
+        reader.feed(data)
+        out = self._to_server
+        while (msg := reader.next_raw()) is not None:
+            mtype, body, raw = msg
+            if self._copy_in and mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
+                if mtype != COPY_DATA:
+                    self._copy_in = False
+                out.append(bytes(raw))
+                continue
+            if mtype == Q:
+                self._client_query(m.Query.decode(body), raw)
+            elif mtype == P:
+                self._client_parse(m.Parse.decode(body), raw)
+            elif mtype == B:
+                self._client_bind(m.Bind.decode(body), raw)
+            elif mtype == DESC:
+                self._client_describe(m.Describe.decode(body), raw)
+            elif mtype == E:
+                self._client_execute(m.Execute.decode(body), raw)
+            elif mtype == CLOSE:
+                self._client_close(m.Close.decode(body), raw)
+            elif mtype == S:
+                self._queue.append(Pending(Kind.SYNC))
+                out.append(bytes(raw))
+            elif mtype == H:
+                out.append(bytes(raw))
+            elif mtype == F:
+                self._client_function_call(m.FunctionCall.decode(body), raw)
+            elif mtype == X:
+                self.terminated = True
+                out.append(bytes(raw))
+                break
+            elif mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
+                # Outside COPY IN the server ignores these (CopyData after an error in
+                # COPY, for instance); forward so it can say what it says.
+                out.append(bytes(raw))
+            else:
+                raise ProtocolViolation(f"unexpected message type {chr(mtype)!r}")
+        return self.take_to_server()
+
+    def _client_query(self, query: m.Query, raw: memoryview) -> None:
+        assert self.policy is not None
+        self.counters.queries += 1
+        verdict = self.policy.judge_query(query.sql)
+        if isinstance(verdict, Refuse):
+            self.counters.refused += 1
+            self._queue.append(Pending(Kind.SIMPLE, refusal=verdict))
+            self._to_server.append(m.Query(POISON_SQL).encode())
+            return
+        if isinstance(verdict, Allow):
+            self._queue.append(Pending(Kind.SIMPLE, allow_all=True))
+            self._to_server.append(bytes(raw))
+            return
+        if any(isinstance(d, Mask) for d in verdict):
+            self.counters.masked += 1
+        self._queue.append(Pending(Kind.SIMPLE, decisions=verdict))
+        self._to_server.append(bytes(raw))
+
+    def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
+        assert self.policy is not None
+        self.counters.queries += 1
+        decision = self.policy.judge_parse(parse.sql, parse.param_types)
+        existing = self._statements.get(parse.name) if parse.name else None
+        if isinstance(decision, Refuse):
+            self.counters.refused += 1
+            # The server will reject the poison; a statement of this name is not created.
+            self._queue.append(Pending(Kind.PARSE, refusal=decision))
+            self._to_server.append(m.Parse(parse.name, POISON_SQL, ()).encode())
+            return
+        if isinstance(decision, Mask):
+            self.counters.masked += 1
+        pending = Pending(Kind.PARSE)
+        if existing is None:
+            # A named statement that exists already makes the server fail this Parse, and the
+            # old statement stays: so the old entry stays too.
+            stmt = Statement(parse.name, parse.sql, decision)
+            self._statements[parse.name] = stmt
+            pending.statement = stmt
+            pending.new_statement = True
+        self._queue.append(pending)
+        self._to_server.append(bytes(raw))
+
+    def _client_bind(self, bind: m.Bind, raw: memoryview) -> None:
+        stmt = self._statements.get(bind.statement)
+        if stmt is None:
+            # The server knows no such statement either (or Topeng refused it): the server's
+            # own error is what the client should see.
+            self._queue.append(Pending(Kind.BIND, portal_name=bind.portal))
+            self._to_server.append(bytes(raw))
+            return
+        portal = Portal(bind.portal, stmt, bind.result_formats)
+        self._portals[bind.portal] = portal
+        self._queue.append(Pending(Kind.BIND, statement=stmt, portal=portal))
+        self._to_server.append(bytes(raw))
+
+    def _client_describe(self, describe: m.Describe, raw: memoryview) -> None:
+        if describe.kind == "S":
+            pending = Pending(
+                Kind.DESCRIBE_STATEMENT, statement=self._statements.get(describe.name)
+            )
+        else:
+            portal = self._portals.get(describe.name)
+            pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=describe.name)
+        self._queue.append(pending)
+        self._to_server.append(bytes(raw))
+
+    def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
+        portal = self._portals.get(execute.portal)
+        self._queue.append(Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal))
+        self._to_server.append(bytes(raw))
+
+    def _client_close(self, close: m.Close, raw: memoryview) -> None:
+        pending = Pending(Kind.CLOSE)
+        if close.kind == "S":
+            pending.statement = self._statements.get(close.name)
+        else:
+            pending.portal = self._portals.get(close.name)
+        self._queue.append(pending)
+        self._to_server.append(bytes(raw))
+
+    def _client_function_call(self, call: m.FunctionCall, raw: memoryview) -> None:
+        assert self.policy is not None
+        decision = self.policy.judge_function_call(call)
+        if isinstance(decision, Refuse):
+            self.counters.refused += 1
+            self._queue.append(Pending(Kind.FUNCTION, refusal=decision))
+            self._to_server.append(m.FunctionCall(0).encode())
+            return
+        self._queue.append(Pending(Kind.FUNCTION))
+        self._to_server.append(bytes(raw))
+
+    # ------------------------------------------------------------------ server side
+
+    def from_server(self, data: bytes) -> bytes:
+        """Bytes from the server; returns the bytes to send to the client."""
+        self.counters.bytes_out += len(data)
+        if self.phase is Phase.READY:
+            if self.mode == "fast":
+                return self._fast_server(data)
+            return self._tracked_server(data)
+        if self.phase is Phase.AUTH:
+            return self._auth_server(data)
+        if self.phase is Phase.SETUP:
+            return self._tracked_server(data)
+        return b""
+
+    def _auth_server(self, data: bytes) -> bytes:
+        reader = self._server
+        reader.feed(data)
+        out: list[bytes | memoryview] = []
+        while (msg := reader.next_raw()) is not None:
+            mtype, body, raw = msg
+            if mtype == AUTH:
+                auth = m.Authentication.decode(body)
+                if auth.code == m.AUTH_OK:
+                    self.authenticated = True
+            elif mtype == KEY:
+                self.backend_key = m.BackendKeyData.decode(body)
+            elif mtype == PARAM_STATUS:
+                ps = m.ParameterStatus.decode(body)
+                self.parameters[ps.name] = ps.value
+            elif mtype == ERROR:
+                self.auth_error = m.ErrorFields.decode(body)
+            elif mtype == READY:
+                if not self.authenticated:
+                    raise ProtocolViolation("server said ReadyForQuery before AuthenticationOk")
+                self.transaction_status = m.ReadyForQuery.decode(body).status
+                self._held_ready = bytes(raw)
+                self.phase = Phase.SETUP
+                out.append(self._drain_rest_after_setup_start())
+                break
+            elif mtype not in (NOTICE, NEGOTIATE):
+                raise ProtocolViolation(
+                    f"unexpected message type {chr(mtype)!r} during authentication"
+                )
+            out.append(raw)
+        return b"".join(out)
+
+    def _drain_rest_after_setup_start(self) -> bytes:
+        # The server sends nothing after its first ReadyForQuery until asked; anything already
+        # buffered is handled in the SETUP phase.
+        return b""
+
+    def start_internal(self, sql: str) -> InternalResult:
+        """Run Topeng's own query on this connection (only while SETUP, or idle and tracked).
+
+        Returns the result object, filled in (`done`) as replies are fed to `from_server`.
+        The Query bytes are queued for `take_to_server()`.
+        """
+        if self.phase is not Phase.SETUP:
+            raise RuntimeError("internal queries run only before the session is handed over")
+        result = InternalResult()
+        self._queue.append(Pending(Kind.INTERNAL, internal=result))
+        self._to_server.append(m.Query(sql).encode())
+        return result
+
+    def begin(self, *, policy: StatementPolicy | None) -> bytes:
+        """Hand the session over to the client: fast mode without a policy, else tracked.
+
+        Returns the bytes to send to the server (the client's messages held during setup);
+        the held ReadyForQuery is queued for the client.
+        """
+        if self.phase is not Phase.SETUP or self._queue:
+            raise RuntimeError("begin() needs a session in SETUP with no query in flight")
+        self.policy = policy
+        self.mode = "fast" if policy is None else "tracked"
+        self.phase = Phase.READY
+        if self.mode == "fast":
+            self._client_scan = MessageScanner(self.client_limits, frozenset())
+            self._server_scan = MessageScanner(self.server_limits, frozenset((READY, CMD_COMPLETE)))
+            # Bytes already framed but not yet read stay in the tracked readers: hand them on.
+            rest = self._server.take_rest()
+            if rest:
+                raise ProtocolViolation("server sent data before it was asked anything")
+        if self._held_ready is not None:
+            self._to_client.append(self._held_ready)
+            self._held_ready = None
+        held = b"".join(self._held_client)
+        self._held_client.clear()
+        if self.mode == "fast":
+            rest = self._client.take_rest()
+            return self.from_client(rest + held) if rest or held else b""
+        return self.from_client(held) if held else b""
+
+    def _fast_server(self, data: bytes) -> bytes:
+        scan = self._server_scan
+        assert scan is not None
+        for mtype, body in scan.feed(data):
+            if mtype == READY:
+                self._outstanding -= 1
+                self.transaction_status = chr(body[0]) if body else "I"
+            elif body.startswith(DDL_TAGS):
+                self.schema_changed = True
+        return data
+
+    def _tracked_server(self, data: bytes) -> bytes:
+        reader = self._server
+        reader.feed(data)
+        out = self._to_client
+        while (msg := reader.next_raw()) is not None:
+            mtype, body, raw = msg
+            if mtype == DATA_ROW:
+                self._data_row(body, raw)
+                continue
+            head = self._queue[0] if self._queue else None
+            if mtype in (NOTICE, PARAM_STATUS, NOTIFY):
+                if mtype == PARAM_STATUS:
+                    ps = m.ParameterStatus.decode(body)
+                    self.parameters[ps.name] = ps.value
+                if head is None or head.kind is not Kind.INTERNAL:
+                    out.append(bytes(raw))
+                continue
+            if head is None:
+                if mtype == ERROR:
+                    # A FATAL error the server sends on its own (shutdown, timeout).
+                    out.append(bytes(raw))
+                    continue
+                raise ProtocolViolation(f"unexpected message {chr(mtype)!r} from server")
+            if head.kind is Kind.INTERNAL:
+                self._internal_reply(head, mtype, body)
+                continue
+            self._reply(head, mtype, body, raw)
+        return self.take_to_client()
+
+    def _data_row(self, body: memoryview, raw: memoryview) -> None:
+        head = self._queue[0] if self._queue else None
+        if head is not None and head.kind is Kind.INTERNAL:
+            assert head.internal is not None
+            head.internal.rows.append(
+                tuple(None if v is None else bytes(v).decode() for v in m.split_data_row(body))
+            )
+            return
+        result = self._result
+        if result is None and head is not None and head.kind is Kind.EXECUTE:
+            self._portal_result(head)
+            result = self._result
+        if result is None or head is None or head.kind not in (Kind.SIMPLE, Kind.EXECUTE):
+            # A row Topeng cannot tie to a statement has no masking plan: never forward it.
+            raise ProtocolViolation("server sent a row Topeng cannot tie to a statement")
+        result.rows += 1
+        self.counters.rows += 1
+        if result.rewriter is None:
+            self._to_client.append(bytes(raw))
+        else:
+            self._to_client.append(result.rewriter(body))
+
+    def _internal_reply(self, head: Pending, mtype: int, body: memoryview) -> None:
+        result = head.internal
+        assert result is not None
+        if mtype == ROW_DESC:
+            result.columns = tuple(f.name for f in m.RowDescription.decode(body).fields)
+        elif mtype == ERROR:
+            result.error = m.ErrorFields.decode(body)
+        elif mtype == READY:
+            self.transaction_status = m.ReadyForQuery.decode(body).status
+            self._queue.popleft()
+            result.done = True
+            if self.on_internal_done is not None:
+                self.on_internal_done(result)
+        elif mtype in (CMD_COMPLETE, EMPTY_QUERY):
+            pass
+        elif mtype in (COPY_IN, COPY_OUT, COPY_BOTH):
+            raise ProtocolViolation("Topeng's own query started a COPY")
+
+    def _start_result(
+        self, decision: Decision, description: m.RowDescription | None, formats: tuple[int, ...]
+    ) -> None:
+        rewriter = None
+        if isinstance(decision, Mask):
+            if description is None:
+                raise ProtocolViolation("rows to mask arrived without a row description")
+            assert self.policy is not None
+            rewriter = self.policy.plan_rows(decision, description, formats)
+        self._result = Result(decision, rewriter)
+
+    def _reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
+        out = self._to_client
+        kind = head.kind
+        if mtype == ERROR:
+            self._error(head, raw)
+            return
+        if mtype == READY:
+            status = m.ReadyForQuery.decode(body).status
+            # Entries skipped after an error never got replies: drop them up to this one.
+            while self._queue and self._queue[0].kind not in (
+                Kind.SIMPLE,
+                Kind.SYNC,
+                Kind.FUNCTION,
+            ):
+                self._queue.popleft()
+            if not self._queue:
+                raise ProtocolViolation("server said ReadyForQuery when none was expected")
+            self._queue.popleft()
+            self.transaction_status = status
+            self._result = None
+            self._copy_in = False
+            if status == "I":
+                # Portals end with their transaction.
+                self._portals.clear()
+            out.append(bytes(raw))
+            return
+        if kind is Kind.SIMPLE:
+            self._simple_reply(head, mtype, body, raw)
+            return
+        if kind is Kind.PARSE and mtype == PARSE_OK:
+            if head.statement is not None:
+                head.statement.created = True
+            self._queue.popleft()
+        elif kind is Kind.BIND and mtype == BIND_OK:
+            self._queue.popleft()
+        elif kind is Kind.CLOSE and mtype == CLOSE_OK:
+            if head.statement is not None:
+                self._statements.pop(head.statement.name, None)
+            if head.portal is not None:
+                self._portals.pop(head.portal.name, None)
+            self._queue.popleft()
+        elif kind is Kind.DESCRIBE_STATEMENT and mtype == PARAM_DESC:
+            pass  # RowDescription or NoData follows
+        elif kind in (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL) and mtype in (
+            ROW_DESC,
+            NO_DATA,
+        ):
+            desc = m.RowDescription.decode(body) if mtype == ROW_DESC else m.RowDescription(())
+            if head.statement is not None:
+                head.statement.description = desc
+            if head.portal is not None:
+                head.portal.description = desc
+            self._queue.popleft()
+        elif kind is Kind.EXECUTE:
+            self._execute_reply(head, mtype, body)
+        elif kind is Kind.FUNCTION and mtype == FUNC_RESULT:
+            pass  # ReadyForQuery follows
+        elif kind is Kind.SYNC:
+            raise ProtocolViolation(f"unexpected message {chr(mtype)!r} before ReadyForQuery")
+        else:
+            raise ProtocolViolation(
+                f"unexpected message {chr(mtype)!r} from server while waiting for {kind.value}"
+            )
+        out.append(bytes(raw))
+
+    def _execute_reply(self, head: Pending, mtype: int, body: memoryview) -> None:
+        if mtype in (CMD_COMPLETE, EMPTY_QUERY, SUSPENDED):
+            if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
+                self.schema_changed = True
+            self._result = None
+            self._queue.popleft()
+            return
+        if mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
+            self._copy_reply(head, mtype)
+            return
+        if mtype in (COPY_DATA, COPY_DONE):
+            return
+        raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in the result of Execute")
+
+    def _portal_result(self, head: Pending) -> None:
+        portal = head.portal
+        if portal is None:
+            # Topeng knows no such portal, so neither does the server: its error follows.
+            self._result = Result(ALLOW, None)
+            return
+        description = portal.description or portal.statement.description
+        self._start_result(portal.statement.decision, description, portal.result_formats)
+
+    def _copy_reply(self, head: Pending, mtype: int) -> None:
+        if mtype == COPY_IN:
+            self._copy_in = True
+        elif mtype == COPY_BOTH:
+            raise ProtocolViolation("COPY BOTH (replication) is not supported in a tracked session")
+        self._result = None
+
+    def _simple_reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
+        if mtype == ROW_DESC:
+            desc = m.RowDescription.decode(body)
+            decision: Decision | None = ALLOW if head.allow_all else None
+            if head.index < len(head.decisions):
+                decision = head.decisions[head.index]
+            if decision is None:
+                raise ProtocolViolation("more result sets than statements")
+            self._start_result(decision, desc, tuple(f.format for f in desc.fields))
+        elif mtype in (CMD_COMPLETE, EMPTY_QUERY):
+            if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
+                self.schema_changed = True
+            head.index += 1
+            self._result = None
+        elif mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
+            self._copy_reply(head, mtype)
+        elif mtype in (COPY_DATA, COPY_DONE):
+            pass
+        else:
+            raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
+        self._to_client.append(bytes(raw))
+
+    def _error(self, head: Pending, raw: memoryview) -> None:
+        refusal = head.refusal
+        self._result = None
+        self._copy_in = False
+        if head.kind in EXTENDED:
+            # The server now skips everything up to Sync: so does the queue.
+            if head.kind is Kind.PARSE and head.new_statement and head.statement is not None:
+                self._statements.pop(head.statement.name, None)
+            if head.kind is Kind.BIND and head.portal is not None:
+                self._portals.pop(head.portal.name, None)
+            while self._queue and self._queue[0].kind is not Kind.SYNC:
+                self._queue.popleft()
+        if refusal is not None:
+            self._to_client.append(
+                m.error_response(
+                    refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint
+                )
+            )
+        else:
+            self._to_client.append(bytes(raw))
+
+    # ------------------------------------------------------------------ Topeng's own words
+
+    def fatal(self, sqlstate: str, message: str, *, hint: str | None = None) -> bytes:
+        """A FATAL ErrorResponse for the client; the caller closes the connection after it."""
+        self.phase = Phase.CLOSED
+        return m.error_response(sqlstate, message, severity="FATAL", hint=hint)
+
+
+__all__ = [
+    "InternalResult",
+    "Kind",
+    "Phase",
+    "Session",
+    "StatementPolicy",
+]

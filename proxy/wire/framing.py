@@ -1,0 +1,282 @@
+"""Incremental framing of the PostgreSQL v3 protocol, sans-I/O.
+
+Strategy: bytes arrive in arbitrary chunks. A reader buffers them and hands out whole messages
+only; a message split across chunks is never half-consumed. The type byte and the length are
+checked before a body is waited for, with limits like the server's own (a small cap for
+messages that are always small, a configurable cap for the rest), so a hostile length can
+neither make Topeng wait for a gigabyte nor smuggle a second message inside a first.
+
+Two readers:
+- `StartupReader` frames the untyped packets of the startup phase (StartupMessage, SSLRequest,
+  GSSENCRequest, CancelRequest): int32 length, int32 code, body.
+- `MessageReader` frames typed messages: byte type, int32 length (counting itself), body.
+  It yields `(type, body)` where body is a memoryview into an immutable bytes buffer, so fields
+  can be sliced without copying and forwarded as they came.
+
+`MessageScanner` is the fast path for a relay that changes nothing: it forwards every byte at
+once and only walks the message headers, buffering just the bodies of the few message types
+the caller asked to see.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!cI")
+INT32 = struct.Struct("!I")
+TYPED_HEADER = struct.Struct("!BI")
+
+# The server refuses a startup packet longer than this (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10_000
+# The server's cap for messages that are always small (PQ_SMALL_MESSAGE_LIMIT).
+SMALL_MESSAGE_LIMIT = 10_000
+# Default cap for everything else; the server's own is 1 GB, a proxy holding thousands of
+# sessions wants less. Configurable as `max_message_size`.
+DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+
+# Frontend (client to server) message types, as in the PostgreSQL docs.
+FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
+# Frontend types the server reads with the small limit; the others may be large.
+FRONTEND_SMALL = frozenset(b"CcDEHSXf")
+# Backend (server to client) message types.
+BACKEND_TYPES = frozenset(b"RK23CdcGHWDIEVvnNAtS1sZT")
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol; the session it belongs to must end."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size caps for one direction of a connection."""
+
+    max_message: int = DEFAULT_MAX_MESSAGE
+    allowed_types: frozenset[int] = FRONTEND_TYPES
+    small_types: frozenset[int] = FRONTEND_SMALL
+    small_limit: int = SMALL_MESSAGE_LIMIT
+
+    def check(self, mtype: int, length: int) -> None:
+        """Raise ProtocolViolation if a message of this type and length is not acceptable."""
+        if mtype not in self.allowed_types:
+            raise ProtocolViolation(f"invalid message type {_show_type(mtype)}")
+        if length < 4:
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {_show_type(mtype)}"
+            )
+        cap = self.small_limit if mtype in self.small_types else self.max_message
+        if length - 4 > cap:
+            raise ProtocolViolation(
+                f"message of type {_show_type(mtype)} is {length - 4} bytes, "
+                f"over the limit of {cap}"
+            )
+
+
+FRONTEND_LIMITS = Limits()
+BACKEND_LIMITS = Limits(allowed_types=BACKEND_TYPES, small_types=frozenset())
+
+
+def _show_type(mtype: int) -> str:
+    ch = chr(mtype)
+    return repr(ch) if ch.isprintable() else f"0x{mtype:02x}"
+
+
+class _Buffer:
+    """An immutable-bytes buffer with a read position: slices never see later writes."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos :] + bytes(data)
+        self._pos = 0
+
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def take_rest(self) -> bytes:
+        rest = self._buf[self._pos :]
+        self._buf = b""
+        self._pos = 0
+        return rest
+
+
+class StartupReader(_Buffer):
+    """Frames the untyped packets of the startup phase.
+
+    `next_packet()` returns `(code, body)` with body after the code, or None until a whole
+    packet has arrived. `take_rest()` returns what came after the last packet (after an
+    SSLRequest that must be nothing: plaintext before the handshake is a protocol error).
+    """
+
+    __slots__ = ("max_packet",)
+
+    def __init__(self, max_packet: int = MAX_STARTUP_PACKET) -> None:
+        super().__init__()
+        self.max_packet = max_packet
+
+    def next_packet(self) -> tuple[int, bytes] | None:
+        if self.pending() < 4:
+            return None
+        start = self._pos
+        (length,) = INT32.unpack_from(self._buf, start)
+        if length < 8 or length > self.max_packet:
+            raise ProtocolViolation(f"invalid length of startup packet ({length})")
+        if self.pending() < length:
+            return None
+        (code,) = INT32.unpack_from(self._buf, start + 4)
+        body = self._buf[start + 8 : start + length]
+        self._pos = start + length
+        return code, body
+
+
+class MessageReader(_Buffer):
+    """Frames typed messages; `next_message()` returns `(type, body)` or None for more data."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def next_message(self) -> tuple[int, memoryview] | None:
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < 5:
+            return None
+        mtype, length = TYPED_HEADER.unpack_from(buf, pos)
+        self.limits.check(mtype, length)
+        end = pos + 1 + length
+        if end > len(buf):
+            return None
+        self._pos = end
+        return mtype, memoryview(buf)[pos + 5 : end]
+
+    def next_raw(self) -> tuple[int, memoryview, memoryview] | None:
+        """Like next_message, also returning the whole message (header included)."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < 5:
+            return None
+        mtype, length = TYPED_HEADER.unpack_from(buf, pos)
+        self.limits.check(mtype, length)
+        end = pos + 1 + length
+        if end > len(buf):
+            return None
+        self._pos = end
+        view = memoryview(buf)
+        return mtype, view[pos + 5 : end], view[pos:end]
+
+    def messages(self) -> Iterable[tuple[int, memoryview]]:
+        while (msg := self.next_message()) is not None:
+            yield msg
+
+
+class MessageScanner:
+    """Walks message headers of a stream that is forwarded unchanged.
+
+    `feed(data)` returns the messages of the types in `watch` that completed in this chunk, as
+    `(type, body bytes)`; every other message is skipped without copying. Counts of every type
+    seen are kept in `counts` (indexed by type byte). The caller forwards `data` itself.
+    """
+
+    __slots__ = ("limits", "watch", "counts", "_skip", "_head", "_body_type", "_body", "_need")
+
+    def __init__(self, limits: Limits, watch: frozenset[int]) -> None:
+        self.limits = limits
+        self.watch = watch
+        self.counts = [0] * 256
+        self._skip = 0  # bytes of an unwatched body still to pass
+        self._head = b""  # a header split across chunks
+        self._body_type = -1  # type of the watched body being collected, or -1
+        self._body = bytearray()
+        self._need = 0  # bytes of the watched body still missing
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        n = len(data)
+        pos = 0
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                return out
+            pos = self._skip
+            self._skip = 0
+        elif self._body_type >= 0:
+            take = min(self._need, n)
+            self._body += data[:take]
+            self._need -= take
+            pos = take
+            if self._need:
+                return out
+            out.append((self._body_type, bytes(self._body)))
+            self._body_type = -1
+            self._body = bytearray()
+        if self._head:
+            need = 5 - len(self._head)
+            self._head += bytes(data[pos : pos + need])
+            pos += need
+            if len(self._head) < 5:
+                return out
+            mtype, length = TYPED_HEADER.unpack(self._head)
+            self._head = b""
+            pos = self._start_body(mtype, length, data, pos, n, out)
+        counts = self.counts
+        watch = self.watch
+        check = self.limits.check
+        unpack = TYPED_HEADER.unpack_from
+        while pos < n:
+            if n - pos < 5:
+                self._head = bytes(data[pos:n])
+                return out
+            mtype, length = unpack(data, pos)
+            pos += 5
+            if mtype in watch:
+                pos = self._start_body(mtype, length, data, pos, n, out)
+                continue
+            check(mtype, length)
+            counts[mtype] += 1
+            end = pos + length - 4
+            if end > n:
+                self._skip = end - n
+                return out
+            pos = end
+        return out
+
+    def _start_body(
+        self,
+        mtype: int,
+        length: int,
+        data: bytes | bytearray | memoryview,
+        pos: int,
+        n: int,
+        out: list[tuple[int, bytes]],
+    ) -> int:
+        self.limits.check(mtype, length)
+        self.counts[mtype] += 1
+        size = length - 4
+        if mtype not in self.watch:
+            if pos + size > n:
+                self._skip = pos + size - n
+                return n
+            return pos + size
+        if pos + size <= n:
+            out.append((mtype, bytes(data[pos : pos + size])))
+            return pos + size
+        self._body_type = mtype
+        self._body = bytearray(data[pos:n])
+        self._need = size - (n - pos)
+        return n
+
+    def at_boundary(self) -> bool:
+        """True when the bytes fed so far end exactly at a message boundary."""
+        return not (self._skip or self._head or self._body_type >= 0)
