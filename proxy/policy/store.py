@@ -23,7 +23,11 @@ log = logging.getLogger("topeng.rules")
 
 def _source_files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+        )
     return [path]
 
 
