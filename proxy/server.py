@@ -350,17 +350,25 @@ class Connection:
         extra = session.take_to_server()
         if extra and self.upstream is not None:
             self.upstream.write(extra)
+        if session.cancel_requested:
+            session.cancel_requested = False
+            self._cancel_running()
         auth = self._authenticated
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
+
+    def _cancel_running(self) -> None:
+        """Cancel whatever this session's server backend is running."""
+        session = self.session
+        key = session.backend_key if session is not None else None
+        if key is not None:
+            spawn(self.proxy.forward_cancel(CancelRequest(key.process_id, key.secret_key)))
 
     def _on_client_lost(self, exc: Exception | None) -> None:
         session = self.session
         if session is not None and session.phase is Phase.READY and not session.idle:
             # The client vanished with a statement running: stop it on the server.
-            key = session.backend_key
-            if key is not None:
-                spawn(self.proxy.forward_cancel(CancelRequest(key.process_id, key.secret_key)))
+            self._cancel_running()
         self._end("client_gone")
 
     def _on_server_lost(self, exc: Exception | None) -> None:

@@ -85,6 +85,7 @@ class Kind(enum.Enum):
     CLOSE = "close"
     SYNC = "sync"
     FUNCTION = "function"
+    POISON = "poison"  # Topeng's failing Query that aborts the server's transaction
 
 
 EXTENDED = frozenset(
@@ -119,8 +120,14 @@ class StatementPolicy(Protocol):
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
-    ) -> RowRewriter | None:
-        """How to rewrite the rows of one result; None when they pass as they are."""
+    ) -> RowRewriter | Refuse | None:
+        """How to rewrite the rows of one result; None when they pass as they are; a Refuse
+        when the result must not reach the client at all (the row description disagrees with
+        the analysis, say): the statement is then cancelled and ends with that error."""
+        ...
+
+    def row_limit(self, decision: Decision) -> RowLimit | None:
+        """The most rows one result of this statement may have."""
         ...
 
 
@@ -143,13 +150,26 @@ class Portal:
     description: m.RowDescription | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """At most `rows` rows of one result; past that refuse (54000), or cut it (`truncate`)."""
+
+    rows: int
+    truncate: bool = False
+
+
 @dataclass(slots=True)
 class Result:
-    """The result set currently streaming: how its rows are rewritten."""
+    """The result set currently streaming: how its rows are rewritten, and whether it was cut
+    short (`aborted`: the refusal that replaces its end; `truncated`: rows dropped past the
+    limit)."""
 
     decision: Decision
     rewriter: RowRewriter | None
+    limit: RowLimit | None = None
     rows: int = 0
+    aborted: Refuse | None = None
+    truncated: bool = False
 
 
 @dataclass(slots=True)
@@ -174,6 +194,8 @@ class Pending:
     index: int = 0  # SIMPLE: which statement's results are streaming
     internal: InternalResult | None = None
     new_statement: bool = False  # PARSE: this Parse registered the statement
+    silent: bool = False  # replies are consumed, not forwarded (after an aborted result)
+    aborted: bool = False  # SIMPLE/SYNC: a result in this group was aborted by Topeng
 
 
 @dataclass(slots=True)
@@ -234,6 +256,9 @@ class Session:
         self._outstanding = 0  # fast mode: Query/Sync/FunctionCall sent minus ReadyForQuery seen
         self._fast_seen_queries = 0
         self.on_internal_done: Callable[[InternalResult], None] | None = None
+        # Set when the running statement must be cancelled on the server (a result Topeng
+        # aborted); the caller sends the CancelRequest and clears it.
+        self.cancel_requested = False
 
     # ------------------------------------------------------------------ output queues
 
@@ -547,7 +572,10 @@ class Session:
     def _fast_server(self, data: bytes) -> bytes:
         scan = self._server_scan
         assert scan is not None
-        for mtype, body in scan.feed(data):
+        watched = scan.feed(data)
+        if watched is None:
+            return data
+        for mtype, body in watched:
             if mtype == READY:
                 self._outstanding -= 1
                 self.transaction_status = chr(body[0]) if body else "I"
@@ -581,8 +609,21 @@ class Session:
             if head.kind is Kind.INTERNAL:
                 self._internal_reply(head, mtype, body)
                 continue
+            if head.kind is Kind.POISON:
+                self._poison_reply(mtype, body, raw)
+                continue
             self._reply(head, mtype, body, raw)
         return self.take_to_client()
+
+    def _poison_reply(self, mtype: int, body: memoryview, raw: memoryview) -> None:
+        # The server's error for Topeng's poison is not the client's business; its
+        # ReadyForQuery (now 'E' in a transaction block) is.
+        if mtype == READY:
+            self._queue.popleft()
+            self.transaction_status = m.ReadyForQuery.decode(body).status
+            self._to_client.append(bytes(raw))
+        elif mtype != ERROR:
+            raise ProtocolViolation(f"unexpected message {chr(mtype)!r} after Topeng's poison")
 
     def _data_row(self, body: memoryview, raw: memoryview) -> None:
         head = self._queue[0] if self._queue else None
@@ -599,12 +640,40 @@ class Session:
         if result is None or head is None or head.kind not in (Kind.SIMPLE, Kind.EXECUTE):
             # A row Topeng cannot tie to a statement has no masking plan: never forward it.
             raise ProtocolViolation("server sent a row Topeng cannot tie to a statement")
-        result.rows += 1
+        if result.aborted is not None or result.truncated or head.silent:
+            return
+        rows = result.rows + 1
+        limit = result.limit
+        if limit is not None and rows > limit.rows:
+            if limit.truncate:
+                # The rest is drained, not cancelled: a cancel would fail the statement on the
+                # server (and abort its transaction) although the client is told it succeeded.
+                result.truncated = True
+            else:
+                self._abort_result(result, self._row_limit_refusal(limit))
+            return
+        result.rows = rows
         self.counters.rows += 1
         if result.rewriter is None:
             self._to_client.append(bytes(raw))
         else:
             self._to_client.append(result.rewriter(body))
+
+    @staticmethod
+    def _row_limit_refusal(limit: RowLimit) -> Refuse:
+        return Refuse(
+            "54000",
+            f"topeng: result exceeds max_rows_per_query ({limit.rows} rows) for this role",
+            detail=f"The statement returned more than {limit.rows} rows; it was cancelled.",
+            hint="Add a LIMIT, or narrow the WHERE clause to the rows you need.",
+            reason="row_limit",
+        )
+
+    def _abort_result(self, result: Result, refusal: Refuse) -> None:
+        """Stop forwarding this result; cancel the statement; its end becomes the refusal."""
+        result.aborted = refusal
+        self.cancel_requested = True
+        self.counters.refused += 1
 
     def _internal_reply(self, head: Pending, mtype: int, body: memoryview) -> None:
         result = head.internal
@@ -627,19 +696,34 @@ class Session:
     def _start_result(
         self, decision: Decision, description: m.RowDescription | None, formats: tuple[int, ...]
     ) -> None:
-        rewriter = None
+        policy = self.policy
+        if policy is None:
+            self._result = Result(decision, None)
+            return
+        planned: RowRewriter | Refuse | None = None
         if isinstance(decision, Mask):
             if description is None:
                 raise ProtocolViolation("rows to mask arrived without a row description")
-            assert self.policy is not None
-            rewriter = self.policy.plan_rows(decision, description, formats)
-        self._result = Result(decision, rewriter)
+            planned = policy.plan_rows(decision, description, formats)
+        elif description is not None:
+            # Allowed statements are checked too: the row description is the second source of
+            # truth about where each column comes from.
+            planned = policy.plan_rows(decision, description, formats)
+        result = Result(decision, None, policy.row_limit(decision))
+        if isinstance(planned, Refuse):
+            self._abort_result(result, planned)
+        else:
+            result.rewriter = planned
+        self._result = result
 
     def _reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
         out = self._to_client
         kind = head.kind
+        if head.silent and mtype != READY:
+            self._silent_reply(head, mtype)
+            return
         if mtype == ERROR:
-            self._error(head, raw)
+            self._error(head, raw, body)
             return
         if mtype == READY:
             status = m.ReadyForQuery.decode(body).status
@@ -652,13 +736,19 @@ class Session:
                 self._queue.popleft()
             if not self._queue:
                 raise ProtocolViolation("server said ReadyForQuery when none was expected")
-            self._queue.popleft()
+            group = self._queue.popleft()
             self.transaction_status = status
             self._result = None
             self._copy_in = False
             if status == "I":
                 # Portals end with their transaction.
                 self._portals.clear()
+            if group.aborted and status == "T" and not self._queue:
+                # PostgreSQL would have failed this transaction with the error Topeng sent in
+                # its place: make the server's state match with a statement bound to fail.
+                self._queue.append(Pending(Kind.POISON))
+                self._to_server.append(m.Query(POISON_SQL).encode())
+                return
             out.append(bytes(raw))
             return
         if kind is Kind.SIMPLE:
@@ -689,7 +779,10 @@ class Session:
                 head.portal.description = desc
             self._queue.popleft()
         elif kind is Kind.EXECUTE:
-            self._execute_reply(head, mtype, body)
+            try:
+                self._execute_reply(head, mtype, body)
+            except _Replaced:
+                return
         elif kind is Kind.FUNCTION and mtype == FUNC_RESULT:
             pass  # ReadyForQuery follows
         elif kind is Kind.SYNC:
@@ -700,12 +793,50 @@ class Session:
             )
         out.append(bytes(raw))
 
+    def _end_result(self, head: Pending, mtype: int, body: memoryview) -> bytes | None:
+        """The end of a result (CommandComplete, EmptyQueryResponse, PortalSuspended, or an
+        ErrorResponse). Returns what replaces it for the client, or None to forward it as is."""
+        result = self._result
+        self._result = None
+        if result is None:
+            return None
+        if result.aborted is not None:
+            self._silence_rest(head)
+            refusal = result.aborted
+            return m.error_response(
+                refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint
+            )
+        if result.truncated and mtype in (CMD_COMPLETE, SUSPENDED):
+            assert result.limit is not None
+            notice = m.notice_response(
+                f"topeng: result truncated at {result.limit.rows} rows (max_rows_per_query)",
+                severity="NOTICE",
+            )
+            return notice + m.CommandComplete(f"SELECT {result.rows}").encode()
+        return None
+
+    def _silence_rest(self, head: Pending) -> None:
+        """After an aborted result, emulate PostgreSQL's reaction to an error: the rest of a
+        simple query, or the rest of an extended batch up to Sync, produces nothing more."""
+        if head.kind is Kind.SIMPLE:
+            head.silent = True
+            head.aborted = True
+            return
+        for entry in self._queue:
+            if entry.kind is Kind.SYNC:
+                entry.aborted = True
+                break
+            entry.silent = True
+
     def _execute_reply(self, head: Pending, mtype: int, body: memoryview) -> None:
         if mtype in (CMD_COMPLETE, EMPTY_QUERY, SUSPENDED):
             if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
                 self.schema_changed = True
-            self._result = None
+            replacement = self._end_result(head, mtype, body)
             self._queue.popleft()
+            if replacement is not None:
+                self._to_client.append(replacement)
+                raise _Replaced
             return
         if mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
             self._copy_reply(head, mtype)
@@ -713,6 +844,32 @@ class Session:
         if mtype in (COPY_DATA, COPY_DONE):
             return
         raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in the result of Execute")
+
+    def _silent_reply(self, head: Pending, mtype: int) -> None:
+        """Consume a reply the client must not see, keeping the queue in step."""
+        kind = head.kind
+        if mtype == COPY_IN:
+            # The client will send no data for a COPY it never heard of: end it on the server.
+            self._to_server.append(m.CopyFail("topeng: statement skipped after an error").encode())
+        if kind is Kind.SIMPLE:
+            return  # everything up to ReadyForQuery
+        if mtype == ERROR:
+            # The server now skips to Sync, as the client already believes it did.
+            while self._queue and self._queue[0].kind is not Kind.SYNC:
+                self._queue.popleft()
+            return
+        done = (
+            (kind is Kind.PARSE and mtype == PARSE_OK)
+            or (kind is Kind.BIND and mtype == BIND_OK)
+            or (kind is Kind.CLOSE and mtype == CLOSE_OK)
+            or (
+                kind in (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL)
+                and mtype in (ROW_DESC, NO_DATA)
+            )
+            or (kind is Kind.EXECUTE and mtype in (CMD_COMPLETE, EMPTY_QUERY, SUSPENDED))
+        )
+        if done:
+            self._queue.popleft()
 
     def _portal_result(self, head: Pending) -> None:
         portal = head.portal
@@ -743,7 +900,10 @@ class Session:
             if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
                 self.schema_changed = True
             head.index += 1
-            self._result = None
+            replacement = self._end_result(head, mtype, body)
+            if replacement is not None:
+                self._to_client.append(replacement)
+                return
         elif mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
             self._copy_reply(head, mtype)
         elif mtype in (COPY_DATA, COPY_DONE):
@@ -752,9 +912,9 @@ class Session:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
         self._to_client.append(bytes(raw))
 
-    def _error(self, head: Pending, raw: memoryview) -> None:
+    def _error(self, head: Pending, raw: memoryview, body: memoryview) -> None:
         refusal = head.refusal
-        self._result = None
+        replacement = self._end_result(head, ERROR, body)
         self._copy_in = False
         if head.kind in EXTENDED:
             # The server now skips everything up to Sync: so does the queue.
@@ -764,7 +924,11 @@ class Session:
                 self._portals.pop(head.portal.name, None)
             while self._queue and self._queue[0].kind is not Kind.SYNC:
                 self._queue.popleft()
-        if refusal is not None:
+        if replacement is not None:
+            # Topeng aborted this result (and cancelled it): its refusal replaces the error.
+            head.silent = head.kind is Kind.SIMPLE
+            self._to_client.append(replacement)
+        elif refusal is not None:
             self._to_client.append(
                 m.error_response(
                     refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint
@@ -781,8 +945,13 @@ class Session:
         return m.error_response(sqlstate, message, severity="FATAL", hint=hint)
 
 
+class _Replaced(Exception):
+    """Internal: the reply being handled was replaced by Topeng's own message."""
+
+
 __all__ = [
     "InternalResult",
+    "RowLimit",
     "Kind",
     "Phase",
     "Session",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.policy.decision import ALLOW, FEATURE_NOT_SUPPORTED, Allow, Decision, Refuse
-from proxy.session import RowRewriter
+from proxy.session import RowLimit, RowRewriter
 from proxy.wire import messages as m
 
 
@@ -21,7 +21,10 @@ class AllowAll:
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
-    ) -> RowRewriter | None:
+    ) -> RowRewriter | Refuse | None:
+        return None
+
+    def row_limit(self, decision: Decision) -> RowLimit | None:
         return None
 
 
@@ -42,5 +45,8 @@ class RefuseAll:
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
-    ) -> RowRewriter | None:
-        raise AssertionError("RefuseAll never lets rows through")
+    ) -> RowRewriter | Refuse | None:
+        return self.refusal  # never reached: every statement was refused
+
+    def row_limit(self, decision: Decision) -> RowLimit | None:
+        return RowLimit(0)

@@ -83,30 +83,52 @@ def _show_type(mtype: int) -> str:
 
 
 class _Buffer:
-    """An immutable-bytes buffer with a read position: slices never see later writes."""
+    """An immutable-bytes buffer with a read position: slices never see later writes.
 
-    __slots__ = ("_buf", "_pos")
+    Chunks fed while a message is incomplete are only listed, and joined once the message is
+    whole (`_fill`), so a large message arriving in many chunks costs linear, not quadratic,
+    copying.
+    """
+
+    __slots__ = ("_buf", "_pos", "_more", "_more_len")
 
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
+        self._more: list[bytes] = []  # chunks fed after _buf, not joined yet
+        self._more_len = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if self._pos >= len(self._buf):
-            self._buf = bytes(data)
+        self._more.append(bytes(data))
+        self._more_len += len(data)
+
+    def _fill(self, need: int) -> bool:
+        """Make `need` bytes readable in _buf at _pos; False while they have not all arrived."""
+        have = len(self._buf) - self._pos
+        if have >= need:
+            return True
+        if have + self._more_len < need:
+            return False
+        if have == 0 and len(self._more) == 1:
+            self._buf = self._more[0]
         else:
-            self._buf = self._buf[self._pos :] + bytes(data)
+            self._buf = b"".join([self._buf[self._pos :], *self._more])
         self._pos = 0
+        self._more.clear()
+        self._more_len = 0
+        return True
 
     def pending(self) -> int:
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._more_len
 
     def take_rest(self) -> bytes:
-        rest = self._buf[self._pos :]
+        rest = b"".join([self._buf[self._pos :], *self._more])
         self._buf = b""
         self._pos = 0
+        self._more.clear()
+        self._more_len = 0
         return rest
 
 
@@ -125,14 +147,14 @@ class StartupReader(_Buffer):
         self.max_packet = max_packet
 
     def next_packet(self) -> tuple[int, bytes] | None:
-        if self.pending() < 4:
+        if not self._fill(4):
             return None
-        start = self._pos
-        (length,) = INT32.unpack_from(self._buf, start)
+        (length,) = INT32.unpack_from(self._buf, self._pos)
         if length < 8 or length > self.max_packet:
             raise ProtocolViolation(f"invalid length of startup packet ({length})")
-        if self.pending() < length:
+        if not self._fill(length):
             return None
+        start = self._pos
         (code,) = INT32.unpack_from(self._buf, start + 4)
         body = self._buf[start + 8 : start + length]
         self._pos = start + length
@@ -152,12 +174,19 @@ class MessageReader(_Buffer):
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 5:
-            return None
+            if not self._fill(5):
+                return None
+            buf = self._buf
+            pos = self._pos
         mtype, length = TYPED_HEADER.unpack_from(buf, pos)
         self.limits.check(mtype, length)
         end = pos + 1 + length
         if end > len(buf):
-            return None
+            if not self._fill(1 + length):
+                return None
+            buf = self._buf
+            pos = self._pos
+            end = pos + 1 + length
         self._pos = end
         return mtype, memoryview(buf)[pos + 5 : end]
 
@@ -166,12 +195,19 @@ class MessageReader(_Buffer):
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 5:
-            return None
+            if not self._fill(5):
+                return None
+            buf = self._buf
+            pos = self._pos
         mtype, length = TYPED_HEADER.unpack_from(buf, pos)
         self.limits.check(mtype, length)
         end = pos + 1 + length
         if end > len(buf):
-            return None
+            if not self._fill(1 + length):
+                return None
+            buf = self._buf
+            pos = self._pos
+            end = pos + 1 + length
         self._pos = end
         view = memoryview(buf)
         return mtype, view[pos + 5 : end], view[pos:end]
@@ -185,8 +221,12 @@ class MessageScanner:
     """Walks message headers of a stream that is forwarded unchanged.
 
     `feed(data)` returns the messages of the types in `watch` that completed in this chunk, as
-    `(type, body bytes)`; every other message is skipped without copying. Counts of every type
-    seen are kept in `counts` (indexed by type byte). The caller forwards `data` itself.
+    `(type, body bytes)` (or None when there were none); every other message is skipped without
+    copying. Counts of every type seen are kept in `counts` (indexed by type byte). The caller
+    forwards `data` itself.
+
+    This is the hot loop of every unrestricted session, so it is written flat: one unpack and
+    a few comparisons per message, no calls unless a limit is broken.
     """
 
     __slots__ = ("limits", "watch", "counts", "_skip", "_head", "_body_type", "_body", "_need")
@@ -201,14 +241,14 @@ class MessageScanner:
         self._body = bytearray()
         self._need = 0  # bytes of the watched body still missing
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]] | None:
+        out: list[tuple[int, bytes]] | None = None
         n = len(data)
         pos = 0
         if self._skip:
             if self._skip >= n:
                 self._skip -= n
-                return out
+                return None
             pos = self._skip
             self._skip = 0
         elif self._body_type >= 0:
@@ -217,65 +257,56 @@ class MessageScanner:
             self._need -= take
             pos = take
             if self._need:
-                return out
-            out.append((self._body_type, bytes(self._body)))
+                return None
+            out = [(self._body_type, bytes(self._body))]
             self._body_type = -1
             self._body = bytearray()
         if self._head:
+            # Complete the split header, then handle that one message like any other.
             need = 5 - len(self._head)
             self._head += bytes(data[pos : pos + need])
-            pos += need
             if len(self._head) < 5:
                 return out
-            mtype, length = TYPED_HEADER.unpack(self._head)
+            data = self._head + bytes(data[pos + need :])
+            n = len(data)
+            pos = 0
             self._head = b""
-            pos = self._start_body(mtype, length, data, pos, n, out)
+        limits = self.limits
+        allowed = limits.allowed_types
+        small = limits.small_types
+        small_limit = limits.small_limit + 4
+        big_limit = limits.max_message + 4
         counts = self.counts
         watch = self.watch
-        check = self.limits.check
         unpack = TYPED_HEADER.unpack_from
         while pos < n:
             if n - pos < 5:
                 self._head = bytes(data[pos:n])
-                return out
+                break
             mtype, length = unpack(data, pos)
-            pos += 5
-            if mtype in watch:
-                pos = self._start_body(mtype, length, data, pos, n, out)
-                continue
-            check(mtype, length)
+            if (
+                mtype not in allowed
+                or length < 4
+                or length > (small_limit if mtype in small else big_limit)
+            ):
+                limits.check(mtype, length)
             counts[mtype] += 1
-            end = pos + length - 4
-            if end > n:
+            end = pos + 1 + length
+            if mtype in watch:
+                if end <= n:
+                    if out is None:
+                        out = []
+                    out.append((mtype, bytes(data[pos + 5 : end])))
+                else:
+                    self._body_type = mtype
+                    self._body = bytearray(data[pos + 5 : n])
+                    self._need = end - n
+                    break
+            elif end > n:
                 self._skip = end - n
-                return out
+                break
             pos = end
         return out
-
-    def _start_body(
-        self,
-        mtype: int,
-        length: int,
-        data: bytes | bytearray | memoryview,
-        pos: int,
-        n: int,
-        out: list[tuple[int, bytes]],
-    ) -> int:
-        self.limits.check(mtype, length)
-        self.counts[mtype] += 1
-        size = length - 4
-        if mtype not in self.watch:
-            if pos + size > n:
-                self._skip = pos + size - n
-                return n
-            return pos + size
-        if pos + size <= n:
-            out.append((mtype, bytes(data[pos : pos + size])))
-            return pos + size
-        self._body_type = mtype
-        self._body = bytearray(data[pos:n])
-        self._need = size - (n - pos)
-        return n
 
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
