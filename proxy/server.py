@@ -25,9 +25,13 @@ from proxy.config import Config
 from proxy.observe import metrics
 from proxy.observe.http import start_http
 from proxy.pipe import Pipe
+from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
+from proxy.policy.catalog import from_json as catalog_from_json
 from proxy.policy.engine import AllowAll, RefuseAll
+from proxy.policy.roles import RoleMatch
+from proxy.policy.rules import Rules
 from proxy.policy.store import RulesStore
-from proxy.session import InternalResult, Phase, Session, StatementPolicy
+from proxy.session import Counters, InternalResult, Phase, Session, StatementPolicy
 from proxy.tasks import spawn
 from proxy.wire import messages as m
 from proxy.wire.framing import BACKEND_LIMITS, FRONTEND_LIMITS, ProtocolViolation, StartupReader
@@ -48,6 +52,8 @@ TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
 IDLE_SESSION_TIMEOUT = "57P05"
 INVALID_AUTHORIZATION = "28000"
+
+SEARCH_PATH_SQL = "SELECT pg_catalog.unnest(pg_catalog.current_schemas(true))"
 
 MEMBERSHIP_SQL = (
     "SELECT r.rolname FROM pg_catalog.pg_roles r "
@@ -78,6 +84,7 @@ class Connection:
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._internal_done: asyncio.Future[None] | None = None
         self._authenticated: asyncio.Future[None] | None = None
+        self._flushed = Counters()
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -260,18 +267,60 @@ class Connection:
         if match.role.unrestricted:
             policy = AllowAll() if self.config.track_all else None
         else:
-            policy = RefuseAll(
-                f"topeng: role {match.role.name!r} is restricted and statement analysis is "
-                "not available in this version",
-                detail=match.reason,
-                hint="Ask your DBA for an unrestricted role, or upgrade Topeng.",
-            )
+            catalog = await self._catalog()
+            search_path = await self._search_path()
+            policy = self.proxy.restricted_policy(rules, match, catalog, search_path)
         log.debug(
             "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
         )
         metrics.SESSIONS_BY_ROLE.labels(self.role).inc()
         to_server = session.begin(policy=policy)
         self._flush(to_server)
+
+    def _setup_failed(self, what: str, error: m.ErrorFields) -> SessionEnded:
+        self._fatal("XX000", f"topeng: could not {what}: {error.message}")
+        return SessionEnded("setup_error")
+
+    async def _catalog(self) -> Catalog:
+        """The schema of this session's database, loaded over this connection if needed."""
+        session = self.session
+        assert session is not None
+        cache = self.proxy.catalogs
+        db = session.database
+        interval = self.config.catalog_refresh
+        if cache.needs_refresh(db, time.monotonic(), interval):
+            # One session loads it; the others wait for that load rather than repeat it.
+            async with self.proxy.catalog_lock(db):
+                if cache.needs_refresh(db, time.monotonic(), interval):
+                    epoch = cache.begin_refresh(db)
+                    started = time.monotonic()
+                    result = await self._internal(CATALOG_SQL)
+                    if result.error is not None or not result.rows or result.rows[0][0] is None:
+                        raise self._setup_failed(
+                            "read the schema", result.error or m.ErrorFields((("M", "no rows"),))
+                        )
+                    try:
+                        catalog = catalog_from_json(result.rows[0][0])
+                    except CatalogError as exc:
+                        self._fatal("XX000", f"topeng: could not read the schema: {exc}")
+                        raise SessionEnded("setup_error") from exc
+                    cache.put(db, catalog, time.monotonic(), epoch=epoch)
+                    log.info(
+                        "catalog of database %s loaded: %d relations in %.0f ms",
+                        db,
+                        len(catalog.relations_by_oid),
+                        (time.monotonic() - started) * 1000,
+                    )
+        loaded = cache.get(db)
+        assert loaded is not None
+        return loaded
+
+    async def _search_path(self) -> tuple[str, ...]:
+        """The schemas this session searches, as the server resolves them."""
+        result = await self._internal(SEARCH_PATH_SQL)
+        if result.error is not None:
+            raise self._setup_failed("read the search_path", result.error)
+        return tuple(r[0] for r in result.rows if r[0] is not None)
 
     async def _internal(self, sql: str) -> InternalResult:
         session = self.session
@@ -353,6 +402,9 @@ class Connection:
         if session.cancel_requested:
             session.cancel_requested = False
             self._cancel_running()
+        if session.schema_changed:
+            session.schema_changed = False
+            self.proxy.catalogs.mark_stale(session.database)
         auth = self._authenticated
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
@@ -416,14 +468,31 @@ class Connection:
             self.client.close()
         if self.role:
             metrics.SESSIONS_BY_ROLE.labels(self.role).dec()
-        session = self.session
-        if session is not None:
-            c = session.counters
-            metrics.BYTES.labels("in").inc(c.bytes_in)
-            metrics.BYTES.labels("out").inc(c.bytes_out)
-            if self.role:
-                metrics.ROWS.labels(self.role).inc(c.rows)
+        self.flush_metrics()
         self.proxy.forget(self)
+
+    def flush_metrics(self) -> None:
+        """Add what the session counted since the last flush to the Prometheus metrics."""
+        session = self.session
+        if session is None:
+            return
+        now, last = session.counters, self._flushed
+        metrics.BYTES.labels("in").inc(now.bytes_in - last.bytes_in)
+        metrics.BYTES.labels("out").inc(now.bytes_out - last.bytes_out)
+        role = self.role
+        if role:
+            refused = now.refused - last.refused
+            masked = now.masked - last.masked
+            allowed = (now.queries - last.queries) - refused - masked
+            if allowed > 0:
+                metrics.QUERIES.labels(role, "allowed").inc(allowed)
+            if masked:
+                metrics.QUERIES.labels(role, "masked").inc(masked)
+            if refused:
+                metrics.QUERIES.labels(role, "refused").inc(refused)
+            if now.rows != last.rows:
+                metrics.ROWS.labels(role).inc(now.rows - last.rows)
+        self._flushed = replace(now)
 
 
 class UpstreamRefused(Exception):
@@ -457,6 +526,8 @@ class Proxy:
         # The server is trusted to send what it sends (a DataRow may reach 1 GB).
         self.server_limits = replace(BACKEND_LIMITS, max_message=1024 * 1024 * 1024)
         self.shutting_down = False
+        self.catalogs = CatalogCache()
+        self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -481,6 +552,25 @@ class Proxy:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+    # -- policy
+
+    def catalog_lock(self, db: str) -> asyncio.Lock:
+        lock = self._catalog_locks.get(db)
+        if lock is None:
+            lock = self._catalog_locks[db] = asyncio.Lock()
+        return lock
+
+    def restricted_policy(
+        self, rules: Rules, match: RoleMatch, catalog: Catalog, search_path: tuple[str, ...]
+    ) -> StatementPolicy:
+        """The policy that judges a restricted session's statements."""
+        return RefuseAll(
+            f"topeng: role {match.role.name!r} is restricted and statement analysis is "
+            "not available in this version",
+            detail=match.reason,
+            hint="Ask your DBA for an unrestricted role, or upgrade Topeng.",
+        )
 
     # -- lifecycle
 
@@ -553,6 +643,7 @@ class Proxy:
                 session = conn.session
                 if session is None or session.phase is not Phase.READY:
                     continue
+                conn.flush_metrics()
                 if self.shutting_down and session.idle:
                     conn.close_for(
                         ADMIN_SHUTDOWN, "terminating connection due to administrator command"

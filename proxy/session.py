@@ -573,6 +573,7 @@ class Session:
         scan = self._server_scan
         assert scan is not None
         watched = scan.feed(data)
+        self.counters.rows = scan.counts[DATA_ROW]
         if watched is None:
             return data
         for mtype, body in watched:
