@@ -61,6 +61,23 @@ COPY_IN, COPY_OUT, COPY_BOTH, FUNC_RESULT, NEGOTIATE = (ord(c) for c in "GHWVv")
 POISON_SQL = "TOPENG_REFUSED"
 POISON_NAME = "topeng_refused\x01"  # no client can have created a statement of this name
 
+# PostgreSQL client_encoding names and the Python codecs that read them.
+PG_CODECS = {
+    "UTF8": "utf-8",
+    "UNICODE": "utf-8",
+    "SQL_ASCII": "latin-1",
+    "LATIN1": "latin-1",
+    "LATIN2": "iso8859-2",
+    "LATIN9": "iso8859-15",
+    "WIN1250": "cp1250",
+    "WIN1251": "cp1251",
+    "WIN1252": "cp1252",
+    "EUC_JP": "euc_jp",
+    "SJIS": "shift_jis",
+    "GBK": "gbk",
+    "BIG5": "big5",
+}
+
 # CommandComplete tags after which the schema may have changed.
 DDL_TAGS = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE", b"SECURITY LABEL")
 
@@ -86,6 +103,7 @@ class Kind(enum.Enum):
     SYNC = "sync"
     FUNCTION = "function"
     POISON = "poison"  # Topeng's failing Query that aborts the server's transaction
+    COPY_END = "copy_end"  # marker: the client ended a COPY it had not yet been asked for
 
 
 EXTENDED = frozenset(
@@ -130,6 +148,16 @@ class StatementPolicy(Protocol):
         """The most rows one result of this statement may have."""
         ...
 
+    def unknown_portal(self) -> Decision:
+        """What to do with rows of a portal Topeng never saw bound."""
+        ...
+
+    @property
+    def needs_descriptions(self) -> bool:
+        """Whether every result must be checked against its RowDescription (Topeng asks for
+        one itself when the client did not)."""
+        ...
+
 
 @dataclass(slots=True)
 class Statement:
@@ -140,6 +168,8 @@ class Statement:
     decision: Decision
     description: m.RowDescription | None = None
     created: bool = False  # ParseComplete seen
+    closing: bool = False  # a Close for it is on its way to the server
+    described: bool = False  # a Describe for it was sent (its reply may be on its way)
 
 
 @dataclass(slots=True)
@@ -148,6 +178,7 @@ class Portal:
     statement: Statement
     result_formats: tuple[int, ...]
     description: m.RowDescription | None = None
+    described: bool = False  # a Describe for it was sent (its reply may be on its way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +226,7 @@ class Pending:
     internal: InternalResult | None = None
     new_statement: bool = False  # PARSE: this Parse registered the statement
     silent: bool = False  # replies are consumed, not forwarded (after an aborted result)
+    hidden: bool = False  # Topeng's own Describe: replies recorded, not forwarded
     aborted: bool = False  # SIMPLE/SYNC: a result in this group was aborted by Topeng
 
 
@@ -255,10 +287,19 @@ class Session:
         self._copy_in = False
         self._outstanding = 0  # fast mode: Query/Sync/FunctionCall sent minus ReadyForQuery seen
         self._fast_seen_queries = 0
+        self._fast_last_execute = False  # fast mode: the last query-ish message was Execute
+        self._in_batch = False  # extended-protocol messages sent since the last Sync
+        self._skipping = False  # the server discards messages until the client's next Sync
+        self._copy_markers = 0  # COPY_END markers in the queue
         self.on_internal_done: Callable[[InternalResult], None] | None = None
         # Set when the running statement must be cancelled on the server (a result Topeng
         # aborted); the caller sends the CancelRequest and clears it.
         self.cancel_requested = False
+
+    @property
+    def client_codec(self) -> str:
+        """The Python codec of the connection's client_encoding."""
+        return PG_CODECS.get(self.parameters.get("client_encoding", "UTF8").upper(), "utf-8")
 
     # ------------------------------------------------------------------ output queues
 
@@ -285,6 +326,8 @@ class Session:
             return False
         if not _tx_is_idle(self.transaction_status):
             return False
+        if self._in_batch:
+            return False
         if self.mode == "fast":
             return self._outstanding <= 0 and bool(
                 self._client_scan
@@ -292,7 +335,8 @@ class Session:
                 and self._server_scan
                 and self._server_scan.at_boundary()
             )
-        return not self._queue and self._client.pending() == 0 and self._server.pending() == 0
+        waiting = len(self._queue) - self._copy_markers  # markers expect no reply
+        return not waiting and self._client.pending() == 0 and self._server.pending() == 0
 
     # ------------------------------------------------------------------ client side
 
@@ -333,12 +377,24 @@ class Session:
         assert scan is not None
         counts = scan.counts
         before = counts[Q] + counts[S] + counts[F]
+        executes = counts[E]
+        extended = counts[P] + counts[B] + executes + counts[DESC] + counts[CLOSE]
         scan.feed(data)
         sent = counts[Q] + counts[S] + counts[F] - before
         if sent:
             self._outstanding += sent
             self.counters.queries += counts[Q] + counts[E] - self._fast_seen_queries
             self._fast_seen_queries = counts[Q] + counts[E]
+        if counts[E] != executes:
+            self._fast_last_execute = True
+        elif counts[Q] or counts[F]:
+            self._fast_last_execute = False
+        # A batch of extended-protocol messages is open until its Sync; a Sync is almost always
+        # the last message of a chunk, so look there rather than track every message.
+        if data[-5:] == m.SYNC and scan.at_boundary():
+            self._in_batch = False
+        elif counts[P] + counts[B] + counts[E] + counts[DESC] + counts[CLOSE] != extended:
+            self._in_batch = True
         if counts[X]:
             self.terminated = True
         return data
@@ -349,25 +405,42 @@ class Session:
         out = self._to_server
         while (msg := reader.next_raw()) is not None:
             mtype, body, raw = msg
-            if self._copy_in and mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
-                if mtype != COPY_DATA:
-                    self._copy_in = False
+            if self._copy_in:
+                if mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
+                    if mtype != COPY_DATA:
+                        self._copy_in = False
+                    out.append(bytes(raw))
+                    continue
+                if mtype in (S, H):
+                    # PostgreSQL ignores Sync and Flush during COPY FROM STDIN.
+                    out.append(bytes(raw))
+                    continue
+            if self._skipping and mtype not in (S, X):
+                # After an extended-protocol error the server discards everything up to the
+                # client's next Sync: so nothing is judged or expected of these.
                 out.append(bytes(raw))
                 continue
             if mtype == Q:
                 self._client_query(m.Query.decode(body), raw)
             elif mtype == P:
+                self._in_batch = True
                 self._client_parse(m.Parse.decode(body), raw)
             elif mtype == B:
+                self._in_batch = True
                 self._client_bind(m.Bind.decode(body), raw)
             elif mtype == DESC:
+                self._in_batch = True
                 self._client_describe(m.Describe.decode(body), raw)
             elif mtype == E:
+                self._in_batch = True
                 self._client_execute(m.Execute.decode(body), raw)
             elif mtype == CLOSE:
+                self._in_batch = True
                 self._client_close(m.Close.decode(body), raw)
             elif mtype == S:
                 self._queue.append(Pending(Kind.SYNC))
+                self._in_batch = False
+                self._skipping = False
                 out.append(bytes(raw))
             elif mtype == H:
                 out.append(bytes(raw))
@@ -378,8 +451,12 @@ class Session:
                 out.append(bytes(raw))
                 break
             elif mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
-                # Outside COPY IN the server ignores these (CopyData after an error in
-                # COPY, for instance); forward so it can say what it says.
+                # Not in COPY IN as far as Topeng knows yet: the client may have sent its data
+                # before the server said CopyInResponse. Mark where the COPY ends, so the Syncs
+                # the server ignores inside it can be told from the ones after it.
+                if mtype != COPY_DATA:
+                    self._queue.append(Pending(Kind.COPY_END))
+                    self._copy_markers += 1
                 out.append(bytes(raw))
             else:
                 raise ProtocolViolation(f"unexpected message type {chr(mtype)!r}")
@@ -397,6 +474,23 @@ class Session:
         if isinstance(verdict, Allow):
             self._queue.append(Pending(Kind.SIMPLE, allow_all=True))
             self._to_server.append(bytes(raw))
+            return
+        refusals = [d for d in verdict if isinstance(d, Refuse)]
+        if refusals or not verdict:
+            # One refused statement refuses the whole string, as one failing statement fails
+            # the whole of a simple query.
+            refusal = (
+                refusals[0]
+                if refusals
+                else Refuse(
+                    "0A000",
+                    "topeng: the query has no statements Topeng could judge",
+                    reason="unsupported",
+                )
+            )
+            self.counters.refused += 1
+            self._queue.append(Pending(Kind.SIMPLE, refusal=refusal))
+            self._to_server.append(m.Query(POISON_SQL).encode())
             return
         if any(isinstance(d, Mask) for d in verdict):
             self.counters.masked += 1
@@ -417,7 +511,7 @@ class Session:
         if isinstance(decision, Mask):
             self.counters.masked += 1
         pending = Pending(Kind.PARSE)
-        if existing is None:
+        if existing is None or existing.closing:
             # A named statement that exists already makes the server fail this Parse, and the
             # old statement stays: so the old entry stays too.
             stmt = Statement(parse.name, parse.sql, decision)
@@ -442,24 +536,42 @@ class Session:
 
     def _client_describe(self, describe: m.Describe, raw: memoryview) -> None:
         if describe.kind == "S":
-            pending = Pending(
-                Kind.DESCRIBE_STATEMENT, statement=self._statements.get(describe.name)
-            )
+            stmt = self._statements.get(describe.name)
+            if stmt is not None:
+                stmt.described = True
+            pending = Pending(Kind.DESCRIBE_STATEMENT, statement=stmt)
         else:
             portal = self._portals.get(describe.name)
+            if portal is not None:
+                portal.described = True
             pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=describe.name)
         self._queue.append(pending)
         self._to_server.append(bytes(raw))
 
     def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
         portal = self._portals.get(execute.portal)
+        assert self.policy is not None
+        if (
+            portal is not None
+            and not portal.described
+            and not portal.statement.described
+            and (self.policy.needs_descriptions or isinstance(portal.statement.decision, Mask))
+        ):
+            # Rows to judge need their description; the client never asked for it, so Topeng
+            # does, and keeps the answer to itself.
+            portal.described = True
+            self._queue.append(Pending(Kind.DESCRIBE_PORTAL, portal=portal, hidden=True))
+            self._to_server.append(m.Describe("P", execute.portal).encode())
         self._queue.append(Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal))
         self._to_server.append(bytes(raw))
 
     def _client_close(self, close: m.Close, raw: memoryview) -> None:
         pending = Pending(Kind.CLOSE)
         if close.kind == "S":
-            pending.statement = self._statements.get(close.name)
+            stmt = self._statements.get(close.name)
+            if stmt is not None:
+                stmt.closing = True
+            pending.statement = stmt
         else:
             pending.portal = self._portals.get(close.name)
         self._queue.append(pending)
@@ -554,7 +666,9 @@ class Session:
         self.phase = Phase.READY
         if self.mode == "fast":
             self._client_scan = MessageScanner(self.client_limits, frozenset())
-            self._server_scan = MessageScanner(self.server_limits, frozenset((READY, CMD_COMPLETE)))
+            self._server_scan = MessageScanner(
+                self.server_limits, frozenset((READY, CMD_COMPLETE, COPY_IN))
+            )
             # Bytes already framed but not yet read stay in the tracked readers: hand them on.
             rest = self._server.take_rest()
             if rest:
@@ -564,6 +678,7 @@ class Session:
             self._held_ready = None
         held = b"".join(self._held_client)
         self._held_client.clear()
+        self.counters.bytes_in -= len(held)  # counted when it arrived
         if self.mode == "fast":
             rest = self._client.take_rest()
             return self.from_client(rest + held) if rest or held else b""
@@ -580,6 +695,11 @@ class Session:
             if mtype == READY:
                 self._outstanding -= 1
                 self.transaction_status = chr(body[0]) if body else "I"
+            elif mtype == COPY_IN:
+                # The server ignores a Sync sent with an extended-protocol COPY FROM STDIN;
+                # the client sends another after CopyDone.
+                if self._fast_last_execute and self._outstanding >= 1:
+                    self._outstanding -= 1
             elif body.startswith(DDL_TAGS):
                 self.schema_changed = True
         return data
@@ -593,6 +713,8 @@ class Session:
             if mtype == DATA_ROW:
                 self._data_row(body, raw)
                 continue
+            if self._copy_markers:
+                self._drop_stray_markers()
             head = self._queue[0] if self._queue else None
             if mtype in (NOTICE, PARAM_STATUS, NOTIFY):
                 if mtype == PARAM_STATUS:
@@ -630,9 +752,18 @@ class Session:
         head = self._queue[0] if self._queue else None
         if head is not None and head.kind is Kind.INTERNAL:
             assert head.internal is not None
-            head.internal.rows.append(
-                tuple(None if v is None else bytes(v).decode() for v in m.split_data_row(body))
-            )
+            codec = self.client_codec
+            try:
+                row = tuple(
+                    None if v is None else bytes(v).decode(codec) for v in m.split_data_row(body)
+                )
+            except UnicodeDecodeError as exc:
+                raise ProtocolViolation(
+                    f"the server sent text that is not valid {codec}: {exc}"
+                ) from exc
+            head.internal.rows.append(row)
+            return
+        if head is not None and head.silent:
             return
         result = self._result
         if result is None and head is not None and head.kind is Kind.EXECUTE:
@@ -641,7 +772,7 @@ class Session:
         if result is None or head is None or head.kind not in (Kind.SIMPLE, Kind.EXECUTE):
             # A row Topeng cannot tie to a statement has no masking plan: never forward it.
             raise ProtocolViolation("server sent a row Topeng cannot tie to a statement")
-        if result.aborted is not None or result.truncated or head.silent:
+        if result.aborted is not None or result.truncated:
             return
         rows = result.rows + 1
         limit = result.limit
@@ -700,6 +831,11 @@ class Session:
         policy = self.policy
         if policy is None:
             self._result = Result(decision, None)
+            return
+        if isinstance(decision, Refuse):
+            result = Result(decision, None)
+            self._abort_result(result, decision)
+            self._result = result
             return
         planned: RowRewriter | Refuse | None = None
         if isinstance(decision, Mask):
@@ -762,10 +898,13 @@ class Session:
         elif kind is Kind.BIND and mtype == BIND_OK:
             self._queue.popleft()
         elif kind is Kind.CLOSE and mtype == CLOSE_OK:
-            if head.statement is not None:
-                self._statements.pop(head.statement.name, None)
-            if head.portal is not None:
-                self._portals.pop(head.portal.name, None)
+            # Only the object this Close was sent for: a Parse or Bind of the same name may
+            # already have replaced it.
+            stmt, portal = head.statement, head.portal
+            if stmt is not None and self._statements.get(stmt.name) is stmt:
+                del self._statements[stmt.name]
+            if portal is not None and self._portals.get(portal.name) is portal:
+                del self._portals[portal.name]
             self._queue.popleft()
         elif kind is Kind.DESCRIBE_STATEMENT and mtype == PARAM_DESC:
             pass  # RowDescription or NoData follows
@@ -779,6 +918,8 @@ class Session:
             if head.portal is not None:
                 head.portal.description = desc
             self._queue.popleft()
+            if head.hidden:
+                return
         elif kind is Kind.EXECUTE:
             try:
                 self._execute_reply(head, mtype, body)
@@ -846,6 +987,32 @@ class Session:
             return
         raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in the result of Execute")
 
+    def _drop_stray_markers(self) -> None:
+        # A CopyDone or CopyFail outside any COPY expects no reply.
+        while self._queue and self._queue[0].kind is Kind.COPY_END:
+            self._queue.popleft()
+            self._copy_markers -= 1
+
+    def _drop_syncs_inside_copy(self) -> None:
+        """The server ignores Syncs that arrive inside COPY FROM STDIN: forget those the client
+        sent before it heard of the COPY (up to where it ended the COPY, if it has)."""
+        if len(self._queue) < 2:
+            return
+        head = self._queue.popleft()
+        kept: deque[Pending] = deque([head])
+        inside = True
+        while self._queue:
+            entry = self._queue.popleft()
+            if inside and entry.kind is Kind.SYNC:
+                continue
+            if inside and entry.kind is Kind.COPY_END:
+                inside = False
+                self._copy_markers -= 1
+                self._copy_in = False
+                continue
+            kept.append(entry)
+        self._queue = kept
+
     def _silent_reply(self, head: Pending, mtype: int) -> None:
         """Consume a reply the client must not see, keeping the queue in step."""
         kind = head.kind
@@ -874,16 +1041,29 @@ class Session:
 
     def _portal_result(self, head: Pending) -> None:
         portal = head.portal
+        assert self.policy is not None
         if portal is None:
-            # Topeng knows no such portal, so neither does the server: its error follows.
-            self._result = Result(ALLOW, None)
+            # Rows from a portal Topeng did not see bound (a statement of SQL-level PREPARE,
+            # say) have no plan: the policy decides, and a restricted one refuses.
+            self._start_result(self.policy.unknown_portal(), None, ())
             return
         description = portal.description or portal.statement.description
-        self._start_result(portal.statement.decision, description, portal.result_formats)
+        formats: tuple[int, ...] = ()
+        if description is not None:
+            f = portal.result_formats
+            count = len(description.fields)
+            if not f:
+                formats = (0,) * count
+            elif len(f) == 1:
+                formats = (f[0],) * count
+            else:
+                formats = tuple(f[i] if i < len(f) else 0 for i in range(count))
+        self._start_result(portal.statement.decision, description, formats)
 
     def _copy_reply(self, head: Pending, mtype: int) -> None:
         if mtype == COPY_IN:
             self._copy_in = True
+            self._drop_syncs_inside_copy()
         elif mtype == COPY_BOTH:
             raise ProtocolViolation("COPY BOTH (replication) is not supported in a tracked session")
         self._result = None
@@ -925,6 +1105,9 @@ class Session:
                 self._portals.pop(head.portal.name, None)
             while self._queue and self._queue[0].kind is not Kind.SYNC:
                 self._queue.popleft()
+            if not self._queue:
+                # The client has not sent the Sync yet: what it sends until then is discarded.
+                self._skipping = True
         if replacement is not None:
             # Topeng aborted this result (and cancelled it): its refusal replaces the error.
             head.silent = head.kind is Kind.SIMPLE

@@ -10,6 +10,8 @@ from proxy.wire import messages as m
 class AllowAll:
     """Tracks the protocol but changes nothing: for unrestricted sessions under `track_all`."""
 
+    needs_descriptions = False
+
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return ALLOW
 
@@ -27,12 +29,17 @@ class AllowAll:
     def row_limit(self, decision: Decision) -> RowLimit | None:
         return None
 
+    def unknown_portal(self) -> Decision:
+        return ALLOW
+
 
 class RefuseAll:
     """Fail closed: every statement refused, with the reason given."""
 
     def __init__(self, message: str, detail: str | None = None, hint: str | None = None) -> None:
         self.refusal = Refuse(FEATURE_NOT_SUPPORTED, message, detail, hint, reason="unsupported")
+
+    needs_descriptions = True
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return self.refusal
@@ -50,3 +57,6 @@ class RefuseAll:
 
     def row_limit(self, decision: Decision) -> RowLimit | None:
         return RowLimit(0)
+
+    def unknown_portal(self) -> Decision:
+        return self.refusal
