@@ -424,6 +424,12 @@ class Connection:
         self._end("client_gone")
 
     def _on_server_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is not None and session.server_said_goodbye:
+            # The server told the client why it is closing (a wrong password, a shutdown);
+            # nothing to add.
+            self._end("upstream_closed")
+            return
         if not self.closing:
             metrics.UPSTREAM_ERRORS.labels("lost").inc()
             session = self.session

@@ -269,6 +269,7 @@ class Session:
         self.auth_error: m.ErrorFields | None = None
         self.terminated = False  # the client sent Terminate
         self.schema_changed = False  # a DDL command completed since last looked
+        self.server_said_goodbye = False  # the server sent a FATAL error: it is closing
         self.counters = Counters()
         self.client_limits = client_limits
         self.server_limits = server_limits
@@ -620,6 +621,7 @@ class Session:
                 self.parameters[ps.name] = ps.value
             elif mtype == ERROR:
                 self.auth_error = m.ErrorFields.decode(body)
+                self._note_fatal(self.auth_error)
             elif mtype == READY:
                 if not self.authenticated:
                     raise ProtocolViolation("server said ReadyForQuery before AuthenticationOk")
@@ -667,7 +669,7 @@ class Session:
         if self.mode == "fast":
             self._client_scan = MessageScanner(self.client_limits, frozenset())
             self._server_scan = MessageScanner(
-                self.server_limits, frozenset((READY, CMD_COMPLETE, COPY_IN))
+                self.server_limits, frozenset((READY, CMD_COMPLETE, COPY_IN, ERROR))
             )
             # Bytes already framed but not yet read stay in the tracked readers: hand them on.
             rest = self._server.take_rest()
@@ -695,6 +697,8 @@ class Session:
             if mtype == READY:
                 self._outstanding -= 1
                 self.transaction_status = chr(body[0]) if body else "I"
+            elif mtype == ERROR:
+                self._note_fatal(m.ErrorFields.decode(body))
             elif mtype == COPY_IN:
                 # The server ignores a Sync sent with an extended-protocol COPY FROM STDIN;
                 # the client sends another after CopyDone.
@@ -703,6 +707,10 @@ class Session:
             elif body.startswith(DDL_TAGS):
                 self.schema_changed = True
         return data
+
+    def _note_fatal(self, error: m.ErrorFields) -> None:
+        if error.severity in ("FATAL", "PANIC"):
+            self.server_said_goodbye = True
 
     def _tracked_server(self, data: bytes) -> bytes:
         reader = self._server
@@ -723,6 +731,8 @@ class Session:
                 if head is None or head.kind is not Kind.INTERNAL:
                     out.append(bytes(raw))
                 continue
+            if mtype == ERROR:
+                self._note_fatal(m.ErrorFields.decode(body))
             if head is None:
                 if mtype == ERROR:
                     # A FATAL error the server sends on its own (shutdown, timeout).
