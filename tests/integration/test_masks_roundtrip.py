@@ -127,6 +127,8 @@ def test_server_accepts_masked_values(
     mask: str,
     params: dict[str, object],
 ) -> None:
+    if sqltype == "xml" and not _server_has_xml(conn):
+        pytest.skip("this PostgreSQL server was built without libxml: it has no xml type")
     out = send.replace("send", "out")  # the type's output function: text exactly as sent
     oid, text, binary = conn.execute(
         f"SELECT pg_typeof(v)::oid::int, {out}(v)::text, {send}(v) "
@@ -160,6 +162,14 @@ def test_server_accepts_masked_values(
     assert echo_bin == echo_text or sqltype.startswith("float")
     if sqltype.startswith("char(16)") or sqltype.startswith("varchar"):
         assert text not in echo_text or mask == "constant"
+
+
+def _server_has_xml(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("SELECT '<a/>'::xml")
+    except psycopg.errors.FeatureNotSupported:
+        return False
+    return True
 
 
 def _typmod(conn: psycopg.Connection[Any], sqltype: str) -> int:
