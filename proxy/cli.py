@@ -67,6 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"topeng: the rules do not validate:\n{exc}", file=sys.stderr)
         return 2
+    except (LookupError, OSError) as exc:
+        print(f"topeng: cannot read the rules' hash_key: {exc}", file=sys.stderr)
+        return 2
     if config.workers == 1:
         return _run_worker(config, store)
     return _run_workers(config, store)

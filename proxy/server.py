@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import socket
 import ssl
@@ -25,11 +26,13 @@ from proxy.config import Config
 from proxy.observe import metrics
 from proxy.observe.http import start_http
 from proxy.pipe import Pipe
+from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
 from proxy.policy.catalog import from_json as catalog_from_json
-from proxy.policy.engine import AllowAll, RefuseAll
+from proxy.policy.engine import AllowAll, RestrictedPolicy
+from proxy.policy.masks import RowMasker
 from proxy.policy.roles import RoleMatch
-from proxy.policy.rules import Rules
+from proxy.policy.rules import HashKeySpec, Rules
 from proxy.policy.store import RulesStore
 from proxy.session import Counters, InternalResult, Phase, Session, StatementPolicy
 from proxy.tasks import spawn
@@ -85,6 +88,7 @@ class Connection:
         self._internal_done: asyncio.Future[None] | None = None
         self._authenticated: asyncio.Future[None] | None = None
         self._flushed = Counters()
+        self._masker: RowMasker | None = None  # the latest result's, its counts not yet flushed
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -269,7 +273,9 @@ class Connection:
         else:
             catalog = await self._catalog()
             search_path = await self._search_path()
-            policy = self.proxy.restricted_policy(rules, match, catalog, search_path)
+            policy = self.proxy.restricted_policy(
+                rules, match, catalog, search_path, on_masked=self._on_masked
+            )
         log.debug(
             "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
         )
@@ -477,8 +483,23 @@ class Connection:
         self.flush_metrics()
         self.proxy.forget(self)
 
+    def _on_masked(self, masker: RowMasker) -> None:
+        self._flush_masked()
+        self._masker = masker
+
+    def _flush_masked(self) -> None:
+        masker = self._masker
+        if masker is None or not self.role:
+            return
+        counts = masker.masked_counts
+        for label, count in counts.items():
+            if count:
+                metrics.MASKED_VALUES.labels(self.role, label).inc(count)
+                counts[label] = 0
+
     def flush_metrics(self) -> None:
         """Add what the session counted since the last flush to the Prometheus metrics."""
+        self._flush_masked()
         session = self.session
         if session is None:
             return
@@ -533,6 +554,9 @@ class Proxy:
         self.server_limits = replace(BACKEND_LIMITS, max_message=1024 * 1024 * 1024)
         self.shutting_down = False
         self.catalogs = CatalogCache()
+        self.analysis_cache = AnalysisCache()
+        self._random_hash_key = secrets.token_bytes(32)
+        self._hash_keys: dict[HashKeySpec, bytes] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -568,15 +592,33 @@ class Proxy:
         return lock
 
     def restricted_policy(
-        self, rules: Rules, match: RoleMatch, catalog: Catalog, search_path: tuple[str, ...]
+        self,
+        rules: Rules,
+        match: RoleMatch,
+        catalog: Catalog,
+        search_path: tuple[str, ...],
+        on_masked: Callable[[RowMasker], None] | None = None,
     ) -> StatementPolicy:
         """The policy that judges a restricted session's statements."""
-        return RefuseAll(
-            f"topeng: role {match.role.name!r} is restricted and statement analysis is "
-            "not available in this version",
-            detail=match.reason,
-            hint="Ask your DBA for an unrestricted role, or upgrade Topeng.",
+        return RestrictedPolicy(
+            rules,
+            match.role,
+            catalog,
+            search_path,
+            cache=self.analysis_cache,
+            hash_key=self.hash_key(rules),
+            on_masked=on_masked,
         )
+
+    def hash_key(self, rules: Rules) -> bytes:
+        """The key of the `hash` mask: from the rules' hash_key, else random per process."""
+        spec = rules.hash_key
+        if spec is None:
+            return self._random_hash_key
+        cached = self._hash_keys.get(spec)
+        if cached is None:
+            cached = self._hash_keys[spec] = spec.read()
+        return cached
 
     # -- lifecycle
 

@@ -48,6 +48,7 @@ __all__ = [
     "judge_sql",
     "judge_sql_with_facts",
     "judge_statement",
+    "remember",
 ]
 
 SYNTAX_ERROR: Final = "42601"
@@ -195,7 +196,7 @@ def judge_sql_with_facts(
                 detail = f"{where}: {decision.detail}" if decision.detail else where
                 return replace(decision, detail=detail)
             return decision
-        _remember(facts, decision, local_prepared, local_cursors)
+        remember(facts, decision, local_prepared, local_cursors)
         results.append((facts, decision))
     return tuple(results)
 
@@ -220,7 +221,7 @@ def judge_sql(
     return tuple(decision for _, decision in judged)
 
 
-def _remember(
+def remember(
     facts: StatementFacts,
     decision: Decision,
     prepared: dict[str, Decision],

@@ -42,6 +42,12 @@ def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+def check_hash_key(rules: Rules) -> None:
+    """The hash key the rules name must be readable now, not when a session needs it."""
+    if rules.hash_key is not None:
+        rules.hash_key.read()  # LookupError / OSError say what is missing
+
+
 class RulesStore:
     """Holds the current rules; `reload()` swaps in valid new ones atomically."""
 
@@ -49,6 +55,7 @@ class RulesStore:
         self.path = Path(path)
         self.poll_interval = poll_interval
         self.current: Rules = load_rules(self.path)  # raises RulesError at startup
+        check_hash_key(self.current)
         self._seen = _fingerprint(self.path)
         self.on_change: list[Callable[[Rules], None]] = []
         metrics.RULES_LAST_RELOAD_SUCCESS.set(1)
@@ -58,12 +65,13 @@ class RulesStore:
         self._seen = _fingerprint(self.path)
         try:
             rules = load_rules(self.path)
+            check_hash_key(rules)
         except RulesError as exc:
             metrics.RULES_RELOADS.labels("error").inc()
             metrics.RULES_LAST_RELOAD_SUCCESS.set(0)
             log.error("rules reload failed; the previous rules stay in force:\n%s", exc)
             return False
-        except OSError as exc:
+        except (OSError, LookupError) as exc:
             metrics.RULES_RELOADS.labels("error").inc()
             metrics.RULES_LAST_RELOAD_SUCCESS.set(0)
             log.error("rules reload failed (%s); the previous rules stay in force", exc)
