@@ -114,6 +114,7 @@ def _run_workers(config: Config, store: object) -> int:
         signal.signal(sig, forward)
     status = 0
     for pid in children:
+        code = 0
         while True:
             try:
                 _, code = os.waitpid(pid, 0)

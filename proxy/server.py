@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from proxy.config import Config
 from proxy.observe import metrics
+from proxy.observe.audit import AuditLog, SessionContext, open_audit_log
 from proxy.observe.http import start_http
 from proxy.pipe import Pipe
 from proxy.policy.cache import AnalysisCache
@@ -82,6 +83,11 @@ class Connection:
         self.session: Session | None = None
         self.role = ""
         self.peer = self._peer_name()
+        self.session_id = secrets.token_hex(6)
+        self.started = time.monotonic()
+        self.tls = False
+        self.context: SessionContext | None = None
+        self.end_reason = "ok"
         self.last_activity = time.monotonic()
         self.closing = False
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -206,6 +212,7 @@ class Connection:
         if new is None:
             raise SessionEnded("tls_error")
         metrics.TLS_HANDSHAKES.labels("ok").inc()
+        self.tls = True
         self.client.transport = new
 
     async def _connect_upstream(self, startup: StartupMessage) -> None:
@@ -248,6 +255,10 @@ class Connection:
             self._on_server_data(early)
         await self._authenticated
         if session.phase is not Phase.SETUP:
+            error = session.auth_error
+            audit = self.proxy.audit
+            if error is not None and audit is not None:
+                audit.auth_failure(self._context(), error.sqlstate, error.message)
             raise SessionEnded("auth_failed")
 
     async def _setup(self) -> None:
@@ -280,8 +291,22 @@ class Connection:
             "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
         )
         metrics.SESSIONS_BY_ROLE.labels(self.role).inc()
+        self.context = self._context()
+        if self.proxy.audit is not None:
+            self.proxy.audit.session_start(self.context)
         to_server = session.begin(policy=policy)
         self._flush(to_server)
+
+    def _context(self) -> SessionContext:
+        session = self.session
+        return SessionContext(
+            session_id=self.session_id,
+            client=self.peer,
+            user=session.user if session is not None else "",
+            database=session.database if session is not None else "",
+            role=self.role,
+            tls=self.tls,
+        )
 
     def _setup_failed(self, what: str, error: m.ErrorFields) -> SessionEnded:
         self._fatal("XX000", f"topeng: could not {what}: {error.message}")
@@ -405,6 +430,8 @@ class Connection:
         extra = session.take_to_server()
         if extra and self.upstream is not None:
             self.upstream.write(extra)
+        if session.records:
+            self._take_records()
         if session.cancel_requested:
             session.cancel_requested = False
             self._cancel_running()
@@ -414,6 +441,21 @@ class Connection:
         auth = self._authenticated
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
+
+    def _take_records(self) -> None:
+        """Statements that ended: into the metrics and the audit log."""
+        session = self.session
+        assert session is not None
+        records, session.records = session.records, []
+        role = self.role
+        audit = self.proxy.audit
+        for record in records:
+            metrics.QUERIES.labels(role, record.decision).inc()
+            if record.decision == "refused":
+                metrics.REFUSALS.labels(role, record.reason or "policy").inc()
+            metrics.QUERY_DURATION.labels(role).observe(max(0.0, record.finished - record.started))
+            if audit is not None and self.context is not None:
+                audit.statement(self.context, record)
 
     def _cancel_running(self) -> None:
         """Cancel whatever this session's server backend is running."""
@@ -457,6 +499,8 @@ class Connection:
         self._end("closed_by_topeng")
 
     def _end(self, why: str) -> None:
+        if not self.closing:
+            self.end_reason = why
         if not self._done.done():
             self._done.set_result(None)
         auth = self._authenticated
@@ -471,8 +515,8 @@ class Connection:
             return
         self.closing = True
         upstream = self.upstream
+        session = self.session
         if upstream is not None and not upstream.closed:
-            session = self.session
             if session is not None and session.phase is Phase.READY and session.idle:
                 upstream.write(m.TERMINATE)
             upstream.close()
@@ -480,7 +524,20 @@ class Connection:
             self.client.close()
         if self.role:
             metrics.SESSIONS_BY_ROLE.labels(self.role).dec()
+        if session is not None and session.records:
+            self._take_records()
         self.flush_metrics()
+        audit = self.proxy.audit
+        if audit is not None and self.context is not None and session is not None:
+            c = session.counters
+            audit.session_end(
+                self.context,
+                reason=self.end_reason,
+                rows=c.rows,
+                bytes_in=c.bytes_in,
+                bytes_out=c.bytes_out,
+                duration=time.monotonic() - self.started,
+            )
         self.proxy.forget(self)
 
     def _on_masked(self, masker: RowMasker) -> None:
@@ -508,15 +565,9 @@ class Connection:
         metrics.BYTES.labels("out").inc(now.bytes_out - last.bytes_out)
         role = self.role
         if role:
-            refused = now.refused - last.refused
-            masked = now.masked - last.masked
-            allowed = (now.queries - last.queries) - refused - masked
-            if allowed > 0:
-                metrics.QUERIES.labels(role, "allowed").inc(allowed)
-            if masked:
-                metrics.QUERIES.labels(role, "masked").inc(masked)
-            if refused:
-                metrics.QUERIES.labels(role, "refused").inc(refused)
+            if session.mode == "fast" and now.queries != last.queries:
+                # Tracked sessions count statements from their records (_take_records).
+                metrics.QUERIES.labels(role, "allowed").inc(now.queries - last.queries)
             if now.rows != last.rows:
                 metrics.ROWS.labels(role).inc(now.rows - last.rows)
         self._flushed = replace(now)
@@ -541,9 +592,10 @@ class _ClientPipe(Pipe):
 class Proxy:
     """All listeners and sessions of one process."""
 
-    def __init__(self, config: Config, rules: RulesStore) -> None:
+    def __init__(self, config: Config, rules: RulesStore, *, audit: AuditLog | None = None) -> None:
         self.config = config
         self.rules = rules
+        self.audit = audit
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.Server] = []
         self.http: asyncio.AbstractServer | None = None
@@ -811,10 +863,20 @@ async def _stop(proxy: Proxy, grace: float, stop: asyncio.Event) -> None:
 
 async def serve(config: Config, rules: RulesStore) -> None:
     """Run one worker until SIGTERM or SIGINT."""
-    proxy = Proxy(config, rules)
+    audit = open_audit_log(config.audit_log)
+    proxy = Proxy(config, rules, audit=audit)
+    if audit is not None:
+        rules.on_reload.append(audit.rules_reload)
     await proxy.start()
     stop = asyncio.Event()
-    install_signal_handlers(proxy, rules.request_reload, stop)
+
+    def on_hangup() -> None:
+        log.info("SIGHUP: reloading the rules and reopening the audit log")
+        if audit is not None:
+            audit.reopen()
+        rules.request_reload()
+
+    install_signal_handlers(proxy, on_hangup, stop)
     watcher = spawn(rules.watch(), name="topeng-rules-watch")
     log.info(
         "topeng listening on %s, upstream %s, rules %s",
@@ -824,3 +886,5 @@ async def serve(config: Config, rules: RulesStore) -> None:
     )
     await stop.wait()
     watcher.cancel()
+    if audit is not None:
+        audit.close()

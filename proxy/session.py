@@ -31,6 +31,7 @@ later reply come from PostgreSQL itself, exactly as if PostgreSQL had refused th
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,41 @@ class InternalResult:
 
 
 @dataclass(slots=True)
+class StatementRecord:
+    """What one statement did, for the audit log and metrics (tracked sessions only).
+
+    One record per Query message (all its statements) or per Execute; a refused Parse or
+    FunctionCall gets one too. `decision`: allowed, masked or refused.
+    """
+
+    sql: str
+    decision: str
+    started: float
+    reason: str | None = None  # a refusal's metrics label
+    message: str | None = None  # a refusal's message (names the rule)
+    labels: tuple[str, ...] = ()  # labels whose columns were masked
+    finished: float = 0.0
+    rows: int = 0
+    error: str | None = None  # SQLSTATE of the error that ended it, the server's or Topeng's
+
+    def refused(self, refusal: Refuse) -> None:
+        self.decision = "refused"
+        self.reason = refusal.reason
+        self.message = refusal.message
+        self.error = refusal.sqlstate
+
+
+def _summary(verdict: Decision | tuple[Decision, ...]) -> tuple[str, tuple[str, ...]]:
+    """(decision, masked labels) of one statement's or one query's verdict."""
+    decisions = verdict if isinstance(verdict, tuple) else (verdict,)
+    labels: list[str] = []
+    for d in decisions:
+        if isinstance(d, Mask):
+            labels.extend(c.label for c in d.columns.values() if c.label not in labels)
+    return ("masked" if labels else "allowed"), tuple(labels)
+
+
+@dataclass(slots=True)
 class Pending:
     kind: Kind
     refusal: Refuse | None = None
@@ -227,6 +263,7 @@ class Pending:
     new_statement: bool = False  # PARSE: this Parse registered the statement
     silent: bool = False  # replies are consumed, not forwarded (after an aborted result)
     hidden: bool = False  # Topeng's own Describe: replies recorded, not forwarded
+    record: StatementRecord | None = None  # SIMPLE/EXECUTE/PARSE/FUNCTION: for the audit log
     aborted: bool = False  # SIMPLE/SYNC: a result in this group was aborted by Topeng
 
 
@@ -255,8 +292,12 @@ class Session:
         *,
         client_limits: Limits = FRONTEND_LIMITS,
         server_limits: Limits = BACKEND_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.startup = startup
+        self.clock = clock
+        # Finished statements (tracked sessions), for the caller to take and log.
+        self.records: list[StatementRecord] = []
         self.user = startup.user
         self.database = startup.database
         self.phase = Phase.AUTH
@@ -467,13 +508,15 @@ class Session:
         assert self.policy is not None
         self.counters.queries += 1
         verdict = self.policy.judge_query(query.sql)
+        record = StatementRecord(query.sql, "allowed", self.clock())
         if isinstance(verdict, Refuse):
             self.counters.refused += 1
-            self._queue.append(Pending(Kind.SIMPLE, refusal=verdict))
+            record.refused(verdict)
+            self._queue.append(Pending(Kind.SIMPLE, refusal=verdict, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
             return
         if isinstance(verdict, Allow):
-            self._queue.append(Pending(Kind.SIMPLE, allow_all=True))
+            self._queue.append(Pending(Kind.SIMPLE, allow_all=True, record=record))
             self._to_server.append(bytes(raw))
             return
         refusals = [d for d in verdict if isinstance(d, Refuse)]
@@ -490,12 +533,14 @@ class Session:
                 )
             )
             self.counters.refused += 1
-            self._queue.append(Pending(Kind.SIMPLE, refusal=refusal))
+            record.refused(refusal)
+            self._queue.append(Pending(Kind.SIMPLE, refusal=refusal, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
             return
         if any(isinstance(d, Mask) for d in verdict):
             self.counters.masked += 1
-        self._queue.append(Pending(Kind.SIMPLE, decisions=verdict))
+        record.decision, record.labels = _summary(verdict)
+        self._queue.append(Pending(Kind.SIMPLE, decisions=verdict, record=record))
         self._to_server.append(bytes(raw))
 
     def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
@@ -505,8 +550,10 @@ class Session:
         existing = self._statements.get(parse.name) if parse.name else None
         if isinstance(decision, Refuse):
             self.counters.refused += 1
+            record = StatementRecord(parse.sql, "refused", self.clock())
+            record.refused(decision)
             # The server will reject the poison; a statement of this name is not created.
-            self._queue.append(Pending(Kind.PARSE, refusal=decision))
+            self._queue.append(Pending(Kind.PARSE, refusal=decision, record=record))
             self._to_server.append(m.Parse(parse.name, POISON_SQL, ()).encode())
             return
         if isinstance(decision, Mask):
@@ -563,7 +610,16 @@ class Session:
             portal.described = True
             self._queue.append(Pending(Kind.DESCRIBE_PORTAL, portal=portal, hidden=True))
             self._to_server.append(m.Describe("P", execute.portal).encode())
-        self._queue.append(Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal))
+        record = StatementRecord("", "allowed", self.clock())
+        if portal is not None:
+            record.sql = portal.statement.sql
+            if isinstance(portal.statement.decision, Refuse):
+                record.refused(portal.statement.decision)
+            else:
+                record.decision, record.labels = _summary(portal.statement.decision)
+        self._queue.append(
+            Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal, record=record)
+        )
         self._to_server.append(bytes(raw))
 
     def _client_close(self, close: m.Close, raw: memoryview) -> None:
@@ -581,15 +637,26 @@ class Session:
     def _client_function_call(self, call: m.FunctionCall, raw: memoryview) -> None:
         assert self.policy is not None
         decision = self.policy.judge_function_call(call)
+        record = StatementRecord(f"<FunctionCall {call.function_oid}>", "allowed", self.clock())
         if isinstance(decision, Refuse):
             self.counters.refused += 1
-            self._queue.append(Pending(Kind.FUNCTION, refusal=decision))
+            record.refused(decision)
+            self._queue.append(Pending(Kind.FUNCTION, refusal=decision, record=record))
             self._to_server.append(m.FunctionCall(0).encode())
             return
-        self._queue.append(Pending(Kind.FUNCTION))
+        self._queue.append(Pending(Kind.FUNCTION, record=record))
         self._to_server.append(bytes(raw))
 
     # ------------------------------------------------------------------ server side
+
+    def _pop(self) -> Pending:
+        """Take the head of the reply queue; a statement whose replies are over is recorded."""
+        entry = self._queue.popleft()
+        record = entry.record
+        if record is not None:
+            record.finished = self.clock()
+            self.records.append(record)
+        return entry
 
     def from_server(self, data: bytes) -> bytes:
         """Bytes from the server; returns the bytes to send to the client."""
@@ -752,7 +819,7 @@ class Session:
         # The server's error for Topeng's poison is not the client's business; its
         # ReadyForQuery (now 'E' in a transaction block) is.
         if mtype == READY:
-            self._queue.popleft()
+            self._pop()
             self.transaction_status = m.ReadyForQuery.decode(body).status
             self._to_client.append(bytes(raw))
         elif mtype != ERROR:
@@ -796,6 +863,8 @@ class Session:
             return
         result.rows = rows
         self.counters.rows += 1
+        if head.record is not None:
+            head.record.rows += 1
         if result.rewriter is None:
             self._to_client.append(bytes(raw))
         else:
@@ -826,7 +895,7 @@ class Session:
             result.error = m.ErrorFields.decode(body)
         elif mtype == READY:
             self.transaction_status = m.ReadyForQuery.decode(body).status
-            self._queue.popleft()
+            self._pop()
             result.done = True
             if self.on_internal_done is not None:
                 self.on_internal_done(result)
@@ -880,10 +949,10 @@ class Session:
                 Kind.SYNC,
                 Kind.FUNCTION,
             ):
-                self._queue.popleft()
+                self._pop()
             if not self._queue:
                 raise ProtocolViolation("server said ReadyForQuery when none was expected")
-            group = self._queue.popleft()
+            group = self._pop()
             self.transaction_status = status
             self._result = None
             self._copy_in = False
@@ -904,9 +973,9 @@ class Session:
         if kind is Kind.PARSE and mtype == PARSE_OK:
             if head.statement is not None:
                 head.statement.created = True
-            self._queue.popleft()
+            self._pop()
         elif kind is Kind.BIND and mtype == BIND_OK:
-            self._queue.popleft()
+            self._pop()
         elif kind is Kind.CLOSE and mtype == CLOSE_OK:
             # Only the object this Close was sent for: a Parse or Bind of the same name may
             # already have replaced it.
@@ -915,7 +984,7 @@ class Session:
                 del self._statements[stmt.name]
             if portal is not None and self._portals.get(portal.name) is portal:
                 del self._portals[portal.name]
-            self._queue.popleft()
+            self._pop()
         elif kind is Kind.DESCRIBE_STATEMENT and mtype == PARAM_DESC:
             pass  # RowDescription or NoData follows
         elif kind in (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL) and mtype in (
@@ -927,7 +996,7 @@ class Session:
                 head.statement.description = desc
             if head.portal is not None:
                 head.portal.description = desc
-            self._queue.popleft()
+            self._pop()
             if head.hidden:
                 return
         elif kind is Kind.EXECUTE:
@@ -955,6 +1024,8 @@ class Session:
         if result.aborted is not None:
             self._silence_rest(head)
             refusal = result.aborted
+            if head.record is not None:
+                head.record.refused(refusal)
             return m.error_response(
                 refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint
             )
@@ -985,7 +1056,7 @@ class Session:
             if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
                 self.schema_changed = True
             replacement = self._end_result(head, mtype, body)
-            self._queue.popleft()
+            self._pop()
             if replacement is not None:
                 self._to_client.append(replacement)
                 raise _Replaced
@@ -1034,7 +1105,7 @@ class Session:
         if mtype == ERROR:
             # The server now skips to Sync, as the client already believes it did.
             while self._queue and self._queue[0].kind is not Kind.SYNC:
-                self._queue.popleft()
+                self._pop()
             return
         done = (
             (kind is Kind.PARSE and mtype == PARSE_OK)
@@ -1047,7 +1118,7 @@ class Session:
             or (kind is Kind.EXECUTE and mtype in (CMD_COMPLETE, EMPTY_QUERY, SUSPENDED))
         )
         if done:
-            self._queue.popleft()
+            self._pop()
 
     def _portal_result(self, head: Pending) -> None:
         portal = head.portal
@@ -1106,6 +1177,9 @@ class Session:
     def _error(self, head: Pending, raw: memoryview, body: memoryview) -> None:
         refusal = head.refusal
         replacement = self._end_result(head, ERROR, body)
+        record = head.record
+        if record is not None and refusal is None and replacement is None:
+            record.error = m.ErrorFields.decode(body).sqlstate
         self._copy_in = False
         if head.kind in EXTENDED:
             # The server now skips everything up to Sync: so does the queue.
@@ -1114,7 +1188,7 @@ class Session:
             if head.kind is Kind.BIND and head.portal is not None:
                 self._portals.pop(head.portal.name, None)
             while self._queue and self._queue[0].kind is not Kind.SYNC:
-                self._queue.popleft()
+                self._pop()
             if not self._queue:
                 # The client has not sent the Sync yet: what it sends until then is discarded.
                 self._skipping = True

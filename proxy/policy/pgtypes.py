@@ -647,6 +647,7 @@ def _numeric_send(d: decimal.Decimal) -> bytes:
 
 def _shortest_digits(v: float, single: bool) -> tuple[str, int]:
     """The shortest decimal digits that read back as v, and the scientific exponent."""
+    s = repr(v)
     if single:
         target = _F32.pack(v)
         for p in range(1, 10):
@@ -656,8 +657,6 @@ def _shortest_digits(v: float, single: bool) -> tuple[str, int]:
                     break
             except OverflowError:  # rounded up beyond FLT_MAX: needs more digits
                 continue
-    else:
-        s = repr(v)
     d = decimal.Decimal(s)
     t = d.as_tuple()
     digits = "".join(map(str, t.digits)).rstrip("0") or "0"

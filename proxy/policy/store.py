@@ -58,6 +58,7 @@ class RulesStore:
         check_hash_key(self.current)
         self._seen = _fingerprint(self.path)
         self.on_change: list[Callable[[Rules], None]] = []
+        self.on_reload: list[Callable[[bool, str], None]] = []  # (ok, detail) of every reload
         metrics.RULES_LAST_RELOAD_SUCCESS.set(1)
 
     def reload(self) -> bool:
@@ -70,11 +71,13 @@ class RulesStore:
             metrics.RULES_RELOADS.labels("error").inc()
             metrics.RULES_LAST_RELOAD_SUCCESS.set(0)
             log.error("rules reload failed; the previous rules stay in force:\n%s", exc)
+            self._reloaded(False, str(exc))
             return False
         except (OSError, LookupError) as exc:
             metrics.RULES_RELOADS.labels("error").inc()
             metrics.RULES_LAST_RELOAD_SUCCESS.set(0)
             log.error("rules reload failed (%s); the previous rules stay in force", exc)
+            self._reloaded(False, str(exc))
             return False
         self.current = rules
         metrics.RULES_RELOADS.labels("ok").inc()
@@ -82,7 +85,12 @@ class RulesStore:
         log.info("rules reloaded from %s", self.path)
         for callback in self.on_change:
             callback(rules)
+        self._reloaded(True, str(self.path))
         return True
+
+    def _reloaded(self, ok: bool, detail: str) -> None:
+        for callback in self.on_reload:
+            callback(ok, detail)
 
     def request_reload(self) -> None:
         self.reload()
