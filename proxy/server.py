@@ -30,6 +30,7 @@ from proxy.pipe import Pipe
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
 from proxy.policy.catalog import from_json as catalog_from_json
+from proxy.policy.decision import Refuse
 from proxy.policy.engine import AllowAll, RestrictedPolicy
 from proxy.policy.masks import RowMasker
 from proxy.policy.roles import RoleMatch
@@ -442,6 +443,24 @@ class Connection:
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
 
+    def check_statement_timeout(self, timeout: float) -> None:
+        """Cancel the running statement if it has run longer than the role allows."""
+        session = self.session
+        assert session is not None
+        since = session.running_since()
+        if since is None or session.clock() - since <= timeout:
+            return
+        refusal = Refuse(
+            "57014",
+            f"topeng: statement_timeout ({timeout:g}s) for role {self.role!r} exceeded",
+            detail="the statement was cancelled",
+            hint="Narrow the query so that it finishes sooner.",
+            reason="timeout",
+        )
+        if session.expire_running(refusal):
+            session.cancel_requested = False
+            self._cancel_running()
+
     def _take_records(self) -> None:
         """Statements that ended: into the metrics and the audit log."""
         session = self.session
@@ -734,16 +753,23 @@ class Proxy:
             self._stopped.set()
 
     async def _sweep(self) -> None:
-        """Once a second: idle timeouts, and during shutdown, closing sessions once idle."""
+        """A few times a second: statement timeouts, idle timeouts, metrics, and during
+        shutdown, closing sessions once idle."""
+        ticks = 0
         while True:
-            await asyncio.sleep(1.0 if not self.shutting_down else 0.1)
+            await asyncio.sleep(0.25 if not self.shutting_down else 0.1)
+            ticks += 1
             now = time.monotonic()
             idle_limit = self.config.idle_timeout
             for conn in list(self.connections):
                 session = conn.session
                 if session is None or session.phase is not Phase.READY:
                     continue
-                conn.flush_metrics()
+                policy = session.policy
+                if policy is not None and policy.statement_timeout:
+                    conn.check_statement_timeout(policy.statement_timeout)
+                if ticks % 4 == 0:
+                    conn.flush_metrics()
                 if self.shutting_down and session.idle:
                     conn.close_for(
                         ADMIN_SHUTDOWN, "terminating connection due to administrator command"

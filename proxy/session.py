@@ -153,6 +153,21 @@ class StatementPolicy(Protocol):
         """What to do with rows of a portal Topeng never saw bound."""
         ...
 
+    def plan_copy(
+        self, decision: Decision, response: m.CopyResponse
+    ) -> CopyRewriter | Refuse | None:
+        """How to rewrite the data of a COPY ... TO STDOUT; None when it passes as it is."""
+        ...
+
+    def rows_sent(self, decision: Decision, rows: int) -> None:
+        """A result ended after `rows` rows reached the client (for rate limits)."""
+        ...
+
+    @property
+    def statement_timeout(self) -> float | None:
+        """Seconds a statement may run before Topeng cancels it (None: no limit)."""
+        ...
+
     @property
     def needs_descriptions(self) -> bool:
         """Whether every result must be checked against its RowDescription (Topeng asks for
@@ -184,10 +199,20 @@ class Portal:
 
 @dataclass(frozen=True, slots=True)
 class RowLimit:
-    """At most `rows` rows of one result; past that refuse (54000), or cut it (`truncate`)."""
+    """At most `rows` rows of one result; past that refuse (with `refusal`, by default the
+    54000 of max_rows_per_query), or cut it (`truncate`)."""
 
     rows: int
     truncate: bool = False
+    refusal: Refuse | None = None
+
+
+class CopyRewriter(Protocol):
+    """Rewrites the CopyData payloads of one COPY ... TO STDOUT."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -202,6 +227,8 @@ class Result:
     rows: int = 0
     aborted: Refuse | None = None
     truncated: bool = False
+    copy: CopyRewriter | None = None  # COPY OUT: how its data is rewritten
+    is_copy: bool = False
 
 
 @dataclass(slots=True)
@@ -649,6 +676,29 @@ class Session:
 
     # ------------------------------------------------------------------ server side
 
+    def running_since(self) -> float | None:
+        """When the oldest statement still in flight started (tracked sessions), or None."""
+        for entry in self._queue:
+            if entry.record is not None and entry.kind in (Kind.SIMPLE, Kind.EXECUTE):
+                return entry.record.started
+        return None
+
+    def expire_running(self, refusal: Refuse) -> bool:
+        """End the oldest statement in flight with `refusal` (a timeout): it is cancelled on the
+        server, and whatever it still sends ends in this refusal. False if none is running."""
+        for entry in self._queue:
+            if entry.record is None or entry.kind not in (Kind.SIMPLE, Kind.EXECUTE):
+                continue
+            if entry.refusal is not None:
+                return False  # already ended this way
+            entry.refusal = refusal
+            entry.record.refused(refusal)
+            if entry is self._queue[0] and self._result is not None:
+                self._abort_result(self._result, refusal)
+            self.cancel_requested = True
+            return True
+        return False
+
     def _pop(self) -> Pending:
         """Take the head of the reply queue; a statement whose replies are over is recorded."""
         entry = self._queue.popleft()
@@ -859,7 +909,7 @@ class Session:
                 # server (and abort its transaction) although the client is told it succeeded.
                 result.truncated = True
             else:
-                self._abort_result(result, self._row_limit_refusal(limit))
+                self._abort_result(result, limit.refusal or self._row_limit_refusal(limit))
             return
         result.rows = rows
         self.counters.rows += 1
@@ -999,6 +1049,16 @@ class Session:
             self._pop()
             if head.hidden:
                 return
+        elif kind is Kind.EXECUTE and mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
+            replacement = self._copy_reply(head, mtype, body)
+            if replacement is not None:
+                self._to_client.append(replacement)
+                return
+        elif kind is Kind.EXECUTE and mtype in (COPY_DATA, COPY_DONE):
+            replacement = self._copy_data(head, raw, body)
+            if replacement is not None:
+                self._to_client.append(replacement)
+                return
         elif kind is Kind.EXECUTE:
             try:
                 self._execute_reply(head, mtype, body)
@@ -1021,6 +1081,8 @@ class Session:
         self._result = None
         if result is None:
             return None
+        if self.policy is not None and result.rows:
+            self.policy.rows_sent(result.decision, result.rows)
         if result.aborted is not None:
             self._silence_rest(head)
             refusal = result.aborted
@@ -1060,11 +1122,6 @@ class Session:
             if replacement is not None:
                 self._to_client.append(replacement)
                 raise _Replaced
-            return
-        if mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
-            self._copy_reply(head, mtype)
-            return
-        if mtype in (COPY_DATA, COPY_DONE):
             return
         raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in the result of Execute")
 
@@ -1141,13 +1198,72 @@ class Session:
                 formats = tuple(f[i] if i < len(f) else 0 for i in range(count))
         self._start_result(portal.statement.decision, description, formats)
 
-    def _copy_reply(self, head: Pending, mtype: int) -> None:
+    def _copy_reply(self, head: Pending, mtype: int, body: memoryview) -> bytes | None:
+        """CopyInResponse / CopyOutResponse. Returns a replacement for a refused COPY OUT."""
         if mtype == COPY_IN:
             self._copy_in = True
             self._drop_syncs_inside_copy()
-        elif mtype == COPY_BOTH:
+            self._result = None
+            return None
+        if mtype == COPY_BOTH:
             raise ProtocolViolation("COPY BOTH (replication) is not supported in a tracked session")
-        self._result = None
+        # COPY OUT: its rows are judged like any other result's.
+        decision: Decision
+        if head.kind is Kind.SIMPLE:
+            if head.allow_all:
+                decision = ALLOW
+            elif head.index < len(head.decisions):
+                decision = head.decisions[head.index]
+            else:
+                raise ProtocolViolation("more results than statements")
+        else:
+            portal = head.portal
+            assert self.policy is not None
+            decision = portal.statement.decision if portal else self.policy.unknown_portal()
+        result = Result(decision, None, is_copy=True)
+        self._result = result
+        policy = self.policy
+        if policy is None:
+            return None
+        result.limit = policy.row_limit(decision)
+        if isinstance(decision, Refuse):
+            self._abort_result(result, decision)
+            return b""
+        planned = policy.plan_copy(decision, m.CopyResponse.decode_as(b"H", body))
+        if isinstance(planned, Refuse):
+            self._abort_result(result, planned)
+            return b""  # the client hears of this COPY only through its error
+        result.copy = planned
+        return None
+
+    def _copy_data(self, head: Pending, raw: memoryview, body: memoryview) -> bytes | None:
+        """A CopyData or CopyDone of COPY OUT; returns what to send instead (b"" for nothing)."""
+        result = self._result
+        if result is None or not result.is_copy:
+            return None
+        if result.aborted is not None or result.truncated:
+            return b""
+        if raw[0] == COPY_DONE:
+            if result.copy is not None:
+                tail = result.copy.finish()
+                return (m.CopyData(tail).encode() if tail else b"") + bytes(raw)
+            return None
+        rows = result.rows + 1
+        limit = result.limit
+        if limit is not None and rows > limit.rows:
+            if limit.truncate:
+                result.truncated = True
+            else:
+                self._abort_result(result, limit.refusal or self._row_limit_refusal(limit))
+            return b""
+        result.rows = rows
+        self.counters.rows += 1
+        if head.record is not None:
+            head.record.rows += 1
+        if result.copy is None:
+            return None
+        out = result.copy.feed(bytes(body))
+        return m.CopyData(out).encode() if out else b""
 
     def _simple_reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
         if mtype == ROW_DESC:
@@ -1167,9 +1283,15 @@ class Session:
                 self._to_client.append(replacement)
                 return
         elif mtype in (COPY_OUT, COPY_IN, COPY_BOTH):
-            self._copy_reply(head, mtype)
+            replacement = self._copy_reply(head, mtype, body)
+            if replacement is not None:
+                self._to_client.append(replacement)
+                return
         elif mtype in (COPY_DATA, COPY_DONE):
-            pass
+            replacement = self._copy_data(head, raw, body)
+            if replacement is not None:
+                self._to_client.append(replacement)
+                return
         else:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
         self._to_client.append(bytes(raw))

@@ -28,7 +28,7 @@ from proxy.policy.decision import (
 )
 from proxy.policy.masks import FieldMasker, MaskNotApplicable, RowMasker, build_field_masker
 from proxy.policy.rules import Role, Rules
-from proxy.session import RowLimit, RowRewriter
+from proxy.session import CopyRewriter, RowLimit, RowRewriter
 from proxy.wire import messages as m
 
 log = logging.getLogger("topeng.policy")
@@ -38,6 +38,7 @@ class AllowAll:
     """Tracks the protocol but changes nothing: for unrestricted sessions under `track_all`."""
 
     needs_descriptions = False
+    statement_timeout: float | None = None
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return ALLOW
@@ -59,6 +60,14 @@ class AllowAll:
     def unknown_portal(self) -> Decision:
         return ALLOW
 
+    def plan_copy(
+        self, decision: Decision, response: m.CopyResponse
+    ) -> CopyRewriter | Refuse | None:
+        return None
+
+    def rows_sent(self, decision: Decision, rows: int) -> None:
+        pass
+
 
 class RefuseAll:
     """Fail closed: every statement refused, with the reason given."""
@@ -67,6 +76,7 @@ class RefuseAll:
         self.refusal = Refuse(FEATURE_NOT_SUPPORTED, message, detail, hint, reason="unsupported")
 
     needs_descriptions = True
+    statement_timeout: float | None = None
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return self.refusal
@@ -87,6 +97,14 @@ class RefuseAll:
 
     def unknown_portal(self) -> Decision:
         return self.refusal
+
+    def plan_copy(
+        self, decision: Decision, response: m.CopyResponse
+    ) -> CopyRewriter | Refuse | None:
+        return self.refusal
+
+    def rows_sent(self, decision: Decision, rows: int) -> None:
+        pass
 
 
 def _disagree(detail: str) -> Refuse:
@@ -129,6 +147,8 @@ class RestrictedPolicy:
             RowLimit(limit, truncate=role.on_row_limit == "truncate") if limit else None
         )
         self._protected_cache: dict[tuple[int, int], tuple[str, str] | None] = {}
+        timeout_ms = role.statement_timeout_ms
+        self.statement_timeout: float | None = timeout_ms / 1000 if timeout_ms else None
 
     # -- statements
 
@@ -184,6 +204,26 @@ class RestrictedPolicy:
 
     def row_limit(self, decision: Decision) -> RowLimit | None:
         return self._row_limit
+
+    def rows_sent(self, decision: Decision, rows: int) -> None:
+        pass
+
+    def plan_copy(
+        self, decision: Decision, response: m.CopyResponse
+    ) -> CopyRewriter | Refuse | None:
+        if isinstance(decision, Refuse):
+            return decision
+        if not isinstance(decision, Mask) or not decision.columns:
+            return None
+        # Masking COPY data needs the COPY's own format options (text, CSV, binary): until
+        # the decision carries them, a masked COPY is refused rather than sent as it is.
+        return Refuse(
+            FEATURE_NOT_SUPPORTED,
+            "topeng: COPY of masked columns is not supported yet",
+            detail="the COPY selects columns that are masked for role " + repr(self.role.name),
+            hint="SELECT the columns instead: they are returned masked.",
+            reason="copy",
+        )
 
     # -- results
 

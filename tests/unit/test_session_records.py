@@ -107,3 +107,29 @@ def test_row_limit_turns_the_record_into_a_refusal() -> None:
     assert record.reason == "row_limit"
     assert record.error == "54000"
     assert record.rows == 1
+
+
+def test_expired_statement_ends_in_the_timeout_refusal() -> None:
+    from proxy.policy.decision import Refuse
+    from proxy.wire import messages as m
+
+    pb, _ = _clocked(MarkerPolicy())
+    pb.to_server(query("SELECT pg_sleep(60)"))
+    assert pb.session.running_since() is not None
+    timeout = Refuse("57014", "topeng: statement_timeout (1s) exceeded", reason="timeout")
+    assert pb.session.expire_running(timeout)
+    assert pb.session.cancel_requested
+    assert not pb.session.expire_running(timeout)  # once is enough
+    out = pb.to_client(error("57014", "canceling statement due to user request"), ready("I"))
+    assert out == m.error_response("57014", timeout.message) + ready("I")
+    (record,) = pb.session.records
+    assert record.decision == "refused" and record.reason == "timeout"
+    assert pb.session.running_since() is None
+
+
+def test_nothing_to_expire_when_idle() -> None:
+    from proxy.policy.decision import Refuse
+
+    pb, _ = _clocked(MarkerPolicy())
+    assert not pb.session.expire_running(Refuse("57014", "x"))
+    assert not pb.session.cancel_requested

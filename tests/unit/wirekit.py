@@ -306,6 +306,8 @@ class MarkerPolicy:
     limit: RowLimit | None = None  # row_limit() for every statement
     refuse_rows: Refuse | None = None  # plan_rows() answer for every result, when set
     needs_descriptions: bool = False  # ask for a RowDescription of every Execute
+    sent: list[int] = field(default_factory=list)  # rows_sent() calls
+    statement_timeout: float | None = None
 
     def _decide(self, sql: str) -> Decision:
         if REFUSE_MARKER in sql:
@@ -354,6 +356,24 @@ class MarkerPolicy:
 
     def unknown_portal(self) -> Decision:
         return UNKNOWN_PORTAL_REFUSAL
+
+    def plan_copy(self, decision: Decision, response: m.CopyResponse) -> object:
+        if isinstance(decision, Mask):
+            return UpperCopy()
+        return None
+
+    def rows_sent(self, decision: Decision, rows: int) -> None:
+        self.sent.append(rows)
+
+
+class UpperCopy:
+    """A COPY rewriter for tests: upper-cases the data, marks the end."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data.upper()
+
+    def finish(self) -> bytes:
+        return b"END\n"
 
 
 UNKNOWN_PORTAL_REFUSAL = Refuse("0A000", "topeng: rows of a portal Topeng did not see bound")
