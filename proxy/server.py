@@ -36,7 +36,14 @@ from proxy.policy.masks import RowMasker
 from proxy.policy.roles import RoleMatch
 from proxy.policy.rules import HashKeySpec, Rules
 from proxy.policy.store import RulesStore
-from proxy.session import Counters, InternalResult, Phase, Session, StatementPolicy
+from proxy.session import (
+    Counters,
+    InternalResult,
+    Phase,
+    Session,
+    SessionRefused,
+    StatementPolicy,
+)
 from proxy.tasks import spawn
 from proxy.wire import messages as m
 from proxy.wire.framing import BACKEND_LIMITS, FRONTEND_LIMITS, ProtocolViolation, StartupReader
@@ -288,6 +295,19 @@ class Connection:
             policy = self.proxy.restricted_policy(
                 rules, match, catalog, search_path, on_masked=self._on_masked
             )
+            for name, value in session.parameters.items():
+                refusal = policy.check_parameter(name, value)
+                if refusal is not None:
+                    self.client.write(
+                        m.error_response(
+                            refusal.sqlstate,
+                            refusal.message,
+                            severity="FATAL",
+                            detail=refusal.detail,
+                            hint=refusal.hint,
+                        )
+                    )
+                    raise SessionEnded("refused")
         log.debug(
             "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
         )
@@ -420,6 +440,21 @@ class Connection:
         assert session is not None
         try:
             out = session.from_server(data)
+        except SessionRefused as exc:
+            refusal = exc.refusal
+            log.info("client %s: session ended: %s", self.peer, refusal.message)
+            self.client.write(session.take_to_client())
+            self.client.write(
+                m.error_response(
+                    refusal.sqlstate,
+                    refusal.message,
+                    severity="FATAL",
+                    detail=refusal.detail,
+                    hint=refusal.hint,
+                )
+            )
+            self._end("refused")
+            return
         except ProtocolViolation as exc:
             metrics.UPSTREAM_ERRORS.labels("protocol").inc()
             log.warning("client %s: the server broke the protocol: %s", self.peer, exc)

@@ -168,6 +168,15 @@ class StatementPolicy(Protocol):
         """Seconds a statement may run before Topeng cancels it (None: no limit)."""
         ...
 
+    def check_parameter(self, name: str, value: str) -> Refuse | None:
+        """A server parameter changed (ParameterStatus): a Refuse ends the session."""
+        ...
+
+    def scrub(self, decision: Decision | None, error: m.ErrorFields) -> m.ErrorFields | None:
+        """An ErrorResponse or NoticeResponse of a statement, made safe to show; None when it
+        passes as it is."""
+        ...
+
     @property
     def needs_descriptions(self) -> bool:
         """Whether every result must be checked against its RowDescription (Topeng asks for
@@ -699,6 +708,30 @@ class Session:
             return True
         return False
 
+    def _decision_of(self, head: Pending | None) -> Decision | None:
+        """The decision of the statement whose replies are arriving, if Topeng knows it."""
+        if head is None:
+            return None
+        if head.kind is Kind.SIMPLE:
+            if head.index < len(head.decisions):
+                return head.decisions[head.index]
+            return ALLOW if head.allow_all else None
+        if head.kind is Kind.EXECUTE and head.portal is not None:
+            return head.portal.statement.decision
+        if head.statement is not None:
+            return head.statement.decision
+        return None
+
+    def _scrubbed(
+        self, head: Pending | None, body: memoryview, raw: memoryview, mtype: bytes
+    ) -> bytes:
+        """A server error or notice as the client may see it (second line of defence)."""
+        policy = self.policy
+        if policy is None:
+            return bytes(raw)
+        scrubbed = policy.scrub(self._decision_of(head), m.ErrorFields.decode(body))
+        return bytes(raw) if scrubbed is None else scrubbed.encode_as(mtype)
+
     def _pop(self) -> Pending:
         """Take the head of the reply queue; a statement whose replies are over is recorded."""
         entry = self._queue.popleft()
@@ -845,7 +878,15 @@ class Session:
                 if mtype == PARAM_STATUS:
                     ps = m.ParameterStatus.decode(body)
                     self.parameters[ps.name] = ps.value
-                if head is None or head.kind is not Kind.INTERNAL:
+                    if self.policy is not None:
+                        refusal = self.policy.check_parameter(ps.name, ps.value)
+                        if refusal is not None:
+                            raise SessionRefused(refusal)
+                if head is not None and head.kind is Kind.INTERNAL:
+                    continue
+                if mtype == NOTICE and self.policy is not None:
+                    out.append(self._scrubbed(head, body, raw, b"N"))
+                else:
                     out.append(bytes(raw))
                 continue
             if mtype == ERROR:
@@ -1325,7 +1366,7 @@ class Session:
                 )
             )
         else:
-            self._to_client.append(bytes(raw))
+            self._to_client.append(self._scrubbed(head, body, raw, b"E"))
 
     # ------------------------------------------------------------------ Topeng's own words
 
@@ -1333,6 +1374,14 @@ class Session:
         """A FATAL ErrorResponse for the client; the caller closes the connection after it."""
         self.phase = Phase.CLOSED
         return m.error_response(sqlstate, message, severity="FATAL", hint=hint)
+
+
+class SessionRefused(Exception):
+    """The session must end: the client gets this refusal as a FATAL error."""
+
+    def __init__(self, refusal: Refuse) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 class _Replaced(Exception):

@@ -12,6 +12,7 @@ reaches the client (two sources of truth, both must agree).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from proxy.policy.cache import AnalysisCache
@@ -68,6 +69,12 @@ class AllowAll:
     def rows_sent(self, decision: Decision, rows: int) -> None:
         pass
 
+    def check_parameter(self, name: str, value: str) -> Refuse | None:
+        return None
+
+    def scrub(self, decision: Decision | None, error: m.ErrorFields) -> m.ErrorFields | None:
+        return None
+
 
 class RefuseAll:
     """Fail closed: every statement refused, with the reason given."""
@@ -106,6 +113,12 @@ class RefuseAll:
     def rows_sent(self, decision: Decision, rows: int) -> None:
         pass
 
+    def check_parameter(self, name: str, value: str) -> Refuse | None:
+        return None
+
+    def scrub(self, decision: Decision | None, error: m.ErrorFields) -> m.ErrorFields | None:
+        return None
+
 
 def _disagree(detail: str) -> Refuse:
     return Refuse(
@@ -114,6 +127,37 @@ def _disagree(detail: str) -> Refuse:
         detail=detail,
         hint="Select the columns you need by name from the tables themselves.",
         reason="unsupported",
+    )
+
+
+# Server parameters the analysis and the masks depend on, and the values they need: the parse of
+# string literals (standard_conforming_strings), the text encoding, and the date/interval text
+# formats the masks read.
+REQUIRED_PARAMETERS = {
+    "standard_conforming_strings": ("on",),
+    "client_encoding": ("UTF8",),
+    "DateStyle": ("ISO, MDY", "ISO, DMY", "ISO, YMD", "ISO"),
+    "IntervalStyle": ("postgres",),
+}
+
+# Error fields that may carry values of rows (DETAIL: "Key (nik)=(...) already exists",
+# "Failing row contains (...)"; WHERE: the context of the error).
+_VALUE_FIELDS = frozenset({"D", "W"})
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def parameter_refusal(name: str, value: str) -> Refuse | None:
+    """A session of a restricted role cannot go on with this parameter value."""
+    allowed = REQUIRED_PARAMETERS.get(name)
+    if allowed is None or value in allowed:
+        return None
+    return Refuse(
+        FEATURE_NOT_SUPPORTED,
+        f"topeng: {name} must be {allowed[0]} for a restricted role, not {value!r}",
+        detail="Topeng reads statements and masks values assuming this setting",
+        hint=f"Connect without changing {name} (it is set by the client, the role or "
+        "the database).",
+        reason="set",
     )
 
 
@@ -207,6 +251,25 @@ class RestrictedPolicy:
 
     def rows_sent(self, decision: Decision, rows: int) -> None:
         pass
+
+    def check_parameter(self, name: str, value: str) -> Refuse | None:
+        return parameter_refusal(name, value)
+
+    def scrub(self, decision: Decision | None, error: m.ErrorFields) -> m.ErrorFields | None:
+        """Drop the fields of a server error that may carry row values; in a statement that
+        read masked columns also blank quoted values in the message."""
+        fields = error.fields
+        masked = isinstance(decision, Mask)
+        if not masked and not any(code in _VALUE_FIELDS for code, _ in fields):
+            return None
+        out = []
+        for code, text in fields:
+            if code in _VALUE_FIELDS:
+                continue
+            if masked and code == "M":
+                text = _QUOTED.sub('"***"', text)
+            out.append((code, text))
+        return m.ErrorFields(tuple(out))
 
     def plan_copy(
         self, decision: Decision, response: m.CopyResponse

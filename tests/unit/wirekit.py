@@ -365,6 +365,12 @@ class MarkerPolicy:
     def rows_sent(self, decision: Decision, rows: int) -> None:
         self.sent.append(rows)
 
+    def check_parameter(self, name: str, value: str) -> Refuse | None:
+        return None
+
+    def scrub(self, decision: Decision | None, error: m.ErrorFields) -> m.ErrorFields | None:
+        return None
+
 
 class UpperCopy:
     """A COPY rewriter for tests: upper-cases the data, marks the end."""
