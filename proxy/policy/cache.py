@@ -1,21 +1,30 @@
 """A bounded LRU cache of analysis results.
 
-Strategy: analysis costs milliseconds, libpg_query's fingerprint microseconds, and an agent
-repeats query shapes with new constants. So facts are kept by (fingerprint, catalog fingerprint,
-search_path): the same shape over the same schema, resolved by the same path, has the same facts.
-Two exceptions, because the fingerprint ignores constants and some constants change meaning:
+Strategy: analysis costs milliseconds, and an agent repeats query shapes with new constants. So
+facts are kept by the statement's NORMALIZED TEXT (libpg_query replaces each constant with a
+$n placeholder and keeps everything else as written), with the catalog fingerprint and the
+search_path: the same text but for its constants, over the same schema, resolved by the same
+path, has the same facts.
 
-- positional references: `ORDER BY 1` and `ORDER BY 2` share a fingerprint but sort by
-  different columns (one may be a masked column, the other not), and likewise GROUP BY and
-  DISTINCT ON. Facts with `positional_refs` go to a second map keyed by the exact SQL text.
-- utility statements (SET, SHOW, PREPARE, DECLARE, FETCH, COPY, ...): `SET search_path = a`
-  and `= b` share a fingerprint, and so do `FETCH c1` / `FETCH c2`. Only strings whose every
-  statement is a plain query (select/insert/update/delete/merge) are cached by fingerprint;
+Not the libpg_query fingerprint: it ignores the order of a select list and drops duplicate
+entries (`SELECT id, nik` and `SELECT nik, id` share one), and the facts of one would then mask
+the wrong positions of the other. The normalized text keeps order, duplicates, aliases and the
+length of IN lists.
+
+Two exceptions, where constants change meaning:
+
+- positional references: `ORDER BY 1` and `ORDER BY 2` sort by different columns (one may be a
+  masked column, the other not), and likewise GROUP BY and DISTINCT ON. Facts with
+  `positional_refs` go to a second map keyed by the exact SQL text.
+- utility statements (SET, SHOW, PREPARE, DECLARE, FETCH, COPY, ...): `SET search_path = a` and
+  `= b` differ only in a constant, and so do `FETCH c1` / `FETCH c2`. Only strings whose every
+  statement is a plain query (select/insert/update/delete/merge) are cached by normalized text;
   the rest go to the exact-text map.
 
 The exact-text map is consulted first; it is bounded like the other. Both are per catalog
 fingerprint and search_path, so a catalog refresh simply stops hitting old entries, which age
-out. Not thread-safe: one per event loop.
+out. A statement that does not parse is never cached (the analysis says why it does not).
+Not thread-safe: one per event loop.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
-from proxy.policy.analyze import StatementFacts, analyze, fingerprint
+from pglast import parser as _pg
+
+from proxy.policy.analyze import StatementFacts, analyze
 from proxy.policy.catalog import Catalog
 
 __all__ = ["AnalysisCache"]
 
-_FINGERPRINTABLE: Final = frozenset({"select", "insert", "update", "delete", "merge"})
+_SHAREABLE: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 
 _Key = tuple[str, str, tuple[str, ...]]
 _Facts = tuple[StatementFacts, ...]
@@ -43,14 +54,14 @@ class AnalysisCache:
         self.size = size
         self.hits = 0
         self.misses = 0
-        self._by_fingerprint: OrderedDict[_Key, _Facts] = OrderedDict()
+        self._by_shape: OrderedDict[_Key, _Facts] = OrderedDict()
         self._by_text: OrderedDict[_Key, _Facts] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._by_fingerprint) + len(self._by_text)
+        return len(self._by_shape) + len(self._by_text)
 
     def clear(self) -> None:
-        self._by_fingerprint.clear()
+        self._by_shape.clear()
         self._by_text.clear()
 
     def analyze(
@@ -65,28 +76,37 @@ class AnalysisCache:
         if found is not None:
             self.hits += 1
             return found
-        fp_key = (fingerprint(sql), catalog.fingerprint, search_path)
-        found = _get(self._by_fingerprint, fp_key)
+        normalized = _normalize(sql)
+        if normalized is None:
+            self.misses += 1
+            return analyze(sql, catalog, search_path)  # raises AnalysisError with the reason
+        shape_key = (normalized, catalog.fingerprint, search_path)
+        found = _get(self._by_shape, shape_key)
         if found is not None:
             self.hits += 1
-            return _with_text(found, sql)
+            return found
         self.misses += 1
         facts = analyze(sql, catalog, search_path)
-        if _fingerprintable(facts):
-            _put(self._by_fingerprint, fp_key, facts, self.size)
+        if _shareable(facts):
+            _put(self._by_shape, shape_key, facts, self.size)
         else:
             _put(self._by_text, text_key, facts, self.size)
         return facts
 
 
-def _fingerprintable(facts: _Facts) -> bool:
-    return all(f.kind in _FINGERPRINTABLE and not f.positional_refs for f in facts)
+def _normalize(sql: str) -> str | None:
+    """The statement with its constants replaced by placeholders; None if it does not parse."""
+    try:
+        return str(_pg.normalize(sql))
+    except Exception:  # pglast's ParseError, or anything libpg_query rejects
+        return None
 
 
-def _with_text(facts: _Facts, sql: str) -> _Facts:
-    """Facts found by fingerprint carry the first text seen; messages quote the statement only
-    for utility statements, which never come from this map, so the text is left as it is."""
-    return facts
+def _shareable(facts: _Facts) -> bool:
+    """Facts that hold for every statement of the same normalized text (see the docstring).
+    Facts found this way carry the first text seen; messages quote the statement only for
+    utility statements, which are never shared."""
+    return all(f.kind in _SHAREABLE and not f.positional_refs for f in facts)
 
 
 def _get(store: OrderedDict[_Key, _Facts], key: _Key) -> _Facts | None:
