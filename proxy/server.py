@@ -64,6 +64,7 @@ TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
 IDLE_SESSION_TIMEOUT = "57P05"
 INVALID_AUTHORIZATION = "28000"
+INSUFFICIENT_PRIVILEGE_STATE = "42501"
 
 SEARCH_PATH_SQL = "SELECT pg_catalog.unnest(pg_catalog.current_schemas(true))"
 
@@ -295,18 +296,14 @@ class Connection:
             policy = self.proxy.restricted_policy(
                 rules, match, catalog, search_path, on_masked=self._on_masked
             )
+            startup_refusal = startup_parameter_refusal(session.startup, match.role.name)
+            if startup_refusal is not None:
+                self._refuse_session(startup_refusal)
+                raise SessionEnded("refused")
             for name, value in session.parameters.items():
                 refusal = policy.check_parameter(name, value)
                 if refusal is not None:
-                    self.client.write(
-                        m.error_response(
-                            refusal.sqlstate,
-                            refusal.message,
-                            severity="FATAL",
-                            detail=refusal.detail,
-                            hint=refusal.hint,
-                        )
-                    )
+                    self._refuse_session(refusal)
                     raise SessionEnded("refused")
         log.debug(
             "client %s: user %s gets role %s (%s)", self.peer, session.user, self.role, match.reason
@@ -317,6 +314,17 @@ class Connection:
             self.proxy.audit.session_start(self.context)
         to_server = session.begin(policy=policy)
         self._flush(to_server)
+
+    def _refuse_session(self, refusal: Refuse) -> None:
+        self.client.write(
+            m.error_response(
+                refusal.sqlstate,
+                refusal.message,
+                severity="FATAL",
+                detail=refusal.detail,
+                hint=refusal.hint,
+            )
+        )
 
     def _context(self) -> SessionContext:
         session = self.session
@@ -625,6 +633,45 @@ class Connection:
             if now.rows != last.rows:
                 metrics.ROWS.labels(role).inc(now.rows - last.rows)
         self._flushed = replace(now)
+
+
+# Startup parameters a restricted session may carry: who and where, and the settings every
+# driver sends. Anything else (`options`, `role`, `search_path`, any other server parameter)
+# would change what the server runs behind the analysis's back.
+STARTUP_PARAMETERS = frozenset(
+    {
+        "user",
+        "database",
+        "application_name",
+        "fallback_application_name",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "extra_float_digits",
+        "IntervalStyle",
+        "datestyle",
+        "timezone",
+        "intervalstyle",
+        "_pq_.command_tag",
+    }
+)
+
+
+def startup_parameter_refusal(startup: StartupMessage, role: str) -> Refuse | None:
+    """Why a restricted session's StartupMessage is refused, or None."""
+    for name, value in startup.params:
+        if name in STARTUP_PARAMETERS:
+            continue
+        if name == "options" and not value.strip():
+            continue
+        return Refuse(
+            INSUFFICIENT_PRIVILEGE_STATE,
+            f"topeng: startup parameter {name!r} is not allowed for role {role!r}",
+            detail=f"{name}={value!r} would set a server parameter for the session",
+            hint="Connect without it; ask your DBA to set defaults with ALTER ROLE instead.",
+            reason="set",
+        )
+    return None
 
 
 class UpstreamRefused(Exception):
