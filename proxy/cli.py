@@ -1,4 +1,4 @@
-"""The `topeng` command: serve, check, explain, demo."""
+"""The `topeng` command: serve, check, explain, demo, audit."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="embedded PostgreSQL + sample bank data + proxy")
     demo.add_argument("--listen", default="127.0.0.1:6432", help="where the demo proxy listens")
     demo.add_argument("--customers", type=int, default=100_000, help="sample customers to load")
+    demo.add_argument(
+        "--metrics-listen", default="127.0.0.1:9187", help="where the demo serves /metrics"
+    )
+
+    from proxy.auditcli import add_audit_arguments
+
+    add_audit_arguments(sub.add_parser("audit", help="answer questions from an audit log"))
     return parser
 
 
@@ -59,6 +66,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"topeng: configuration error:\n{exc}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level)
+    from proxy.observe import multiproc
+
+    # Before anything imports prometheus_client: the workers' metrics go to shared files.
+    metrics_dir = multiproc.prepare() if config.workers > 1 else None
+    try:
+        return _serve_config(config)
+    finally:
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
+
+
+def _serve_config(config: Config) -> int:
+    from proxy.observe.audit import configure_audit
     from proxy.policy.rules import RulesError
     from proxy.policy.store import RulesStore
 
@@ -69,6 +89,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except (LookupError, OSError) as exc:
         print(f"topeng: cannot read the rules' hash_key: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_audit(config)
+    except (OSError, ValueError) as exc:
+        print(f"topeng: cannot read the audit key: {exc}", file=sys.stderr)
         return 2
     if config.workers == 1:
         return _run_worker(config, store)
@@ -98,6 +123,9 @@ def _run_workers(config: Config, store: object) -> int:
         if pid == 0:
             code = 1
             try:
+                from proxy.observe.multiproc import worker_started
+
+                worker_started()
                 code = _run_worker(config, store)
             finally:
                 os._exit(code)
@@ -121,6 +149,9 @@ def _run_workers(config: Config, store: object) -> int:
                 break
             except InterruptedError:
                 continue
+        from proxy.observe.multiproc import worker_exited
+
+        worker_exited(pid)
         if os.waitstatus_to_exitcode(code) not in (0, -signal.SIGTERM, -signal.SIGINT):
             status = 1
     return status
@@ -143,10 +174,24 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(listen=args.listen, customers=args.customers)
+    return run_demo(
+        listen=args.listen, customers=args.customers, metrics_listen=args.metrics_listen
+    )
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from proxy.auditcli import run_audit
+
+    return run_audit(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "check": _check, "explain": _explain, "demo": _demo}
+    commands = {
+        "serve": _serve,
+        "check": _check,
+        "explain": _explain,
+        "demo": _demo,
+        "audit": _audit,
+    }
     return commands[args.command](args)

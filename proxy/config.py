@@ -55,6 +55,9 @@ class Config:
     tls_mode: str = ""  # disable | allow | require; "" means allow with a cert, else disable
     workers: int = 1
     audit_log: str = ""
+    audit_max_bytes: int = 0  # rotate the audit log file past this size; 0: never (logrotate)
+    audit_keep: int = 5  # rotated audit files kept: PATH.1 .. PATH.N
+    audit_key_file: str = ""  # key for the HMACs of statement constants in the audit log
     max_client_connections: int = 5000
     startup_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -213,6 +216,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "processes sharing the listen port (SO_REUSEPORT)", parse_positive_int, "N"),
     Option("audit_log", "audit log file, or - for standard output", str, "PATH"),
     Option(
+        "audit_max_bytes",
+        "rotate the audit log file past this size to PATH.1 .. PATH.N (0: never)",
+        parse_size,
+        "SIZE",
+    ),
+    Option(
+        "audit_keep", "rotated audit log files kept (PATH.1 .. PATH.N)", parse_positive_int, "N"
+    ),
+    Option(
+        "audit_key_file",
+        "secret key file: the audit log records keyed hashes (HMAC) of statement constants",
+        str,
+        "FILE",
+    ),
+    Option(
         "max_client_connections",
         "client connections accepted at once per process",
         parse_positive_int,
@@ -355,7 +373,7 @@ def _check(config: Config) -> list[str]:
         problems.append("tls_cert and tls_key go together: give both or neither")
     if config.client_tls != "disable" and not config.tls_cert:
         problems.append(f"tls_mode {config.client_tls} needs tls_cert and tls_key")
-    for name in ("tls_cert", "tls_key", "upstream_tls_ca"):
+    for name in ("tls_cert", "tls_key", "upstream_tls_ca", "audit_key_file"):
         value = getattr(config, name)
         if value and not Path(value).is_file():
             problems.append(f"{name}: {value}: no such file")

@@ -26,6 +26,7 @@ from proxy.config import Config
 from proxy.observe import metrics
 from proxy.observe.audit import AuditLog, SessionContext, open_audit_log
 from proxy.observe.http import start_http
+from proxy.observe.instrument import register_analysis_cache
 from proxy.pipe import Pipe
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
@@ -708,6 +709,7 @@ class Proxy:
         self.shutting_down = False
         self.catalogs = CatalogCache()
         self.analysis_cache = AnalysisCache()
+        register_analysis_cache(self.analysis_cache)
         self._random_hash_key = secrets.token_bytes(32)
         self._hash_keys: dict[HashKeySpec, bytes] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}

@@ -1,6 +1,11 @@
 """The HTTP endpoint: /metrics (Prometheus text format), /healthz and /readyz.
 
 A few lines of HTTP/1.0 on the event loop: nothing here must ever block the proxy.
+
+- /healthz: 200 while the process runs its event loop (liveness: restart it if this fails).
+- /readyz: 200 when the rules are loaded and the upstream accepts a TCP connection, else 503
+  with the reason (readiness: send it no new clients while this fails).
+- /metrics: this process's metrics, or with `--workers N` the sum over all workers.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.observe import multiproc
 from proxy.observe.metrics import REGISTRY
+
+PATHS = ("/metrics", "/healthz", "/readyz")
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
@@ -34,7 +42,8 @@ async def _handle(
         if method not in ("GET", "HEAD"):
             out = _response("405 Method Not Allowed", b"only GET\n")
         elif path == "/metrics":
-            out = _response("200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            body = generate_latest(multiproc.scrape_registry(REGISTRY))
+            out = _response("200 OK", body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             out = _response("200 OK", b"ok\n")
         elif path == "/readyz":

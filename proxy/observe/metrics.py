@@ -2,6 +2,10 @@
 
 Labels stay low-cardinality: roles, decisions, reasons, labels, results. Never user names,
 query text or addresses.
+
+With `--workers N` the values live in prometheus_client's multiprocess files (see
+proxy.observe.multiproc): counters and histograms are summed over the workers, and every gauge
+says how with `multiprocess_mode` (ignored by a single process).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _ANALYSIS_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 
 CLIENT_CONNECTIONS = Gauge(
-    "topeng_client_connections", "Client connections open now.", registry=REGISTRY
+    "topeng_client_connections",
+    "Client connections open now.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 CONNECTIONS = Counter(
     "topeng_connections",
@@ -23,7 +30,11 @@ CONNECTIONS = Counter(
     registry=REGISTRY,
 )
 SESSIONS_BY_ROLE = Gauge(
-    "topeng_sessions", "Authenticated sessions open now, by role.", ["role"], registry=REGISTRY
+    "topeng_sessions",
+    "Authenticated sessions open now, by role.",
+    ["role"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 QUERIES = Counter(
     "topeng_queries",
@@ -67,15 +78,19 @@ ANALYSIS_CACHE = Counter(
     registry=REGISTRY,
 )
 ANALYSIS_CACHE_SIZE = Gauge(
-    "topeng_analysis_cache_entries", "Statements in the analysis cache.", registry=REGISTRY
+    "topeng_analysis_cache_entries",
+    "Statements in the analysis cache (summed over the worker processes).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 RULES_RELOADS = Counter(
     "topeng_rules_reloads", "Rules reloads by result (ok, error).", ["result"], registry=REGISTRY
 )
 RULES_LAST_RELOAD_SUCCESS = Gauge(
     "topeng_rules_last_reload_success",
-    "1 if the last rules load succeeded, else 0.",
+    "1 if the last rules load succeeded, else 0 (with workers: 0 if any worker's failed).",
     registry=REGISTRY,
+    multiprocess_mode="livemin",
 )
 UPSTREAM_ERRORS = Counter(
     "topeng_upstream_errors",
@@ -92,3 +107,50 @@ UPSTREAM_CONNECT_DURATION = Histogram(
 TLS_HANDSHAKES = Counter(
     "topeng_tls_handshakes", "Client TLS handshakes by result.", ["result"], registry=REGISTRY
 )
+BUILD_INFO = Gauge(
+    "topeng_build_info",
+    "Always 1; the version of the running Topeng.",
+    ["version"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+
+
+def _initialise() -> None:
+    """Create the series whose label values are known up front, at 0.
+
+    A counter that has never been incremented has no series, and `rate()` over a missing series
+    is an empty result rather than 0: alerts and dashboard panels would show "no data" instead
+    of "none yet".
+    """
+    from proxy import __version__
+
+    BUILD_INFO.labels(__version__).set(1)
+    for result in ("hit", "miss"):
+        ANALYSIS_CACHE.labels(result)
+    for result in ("ok", "error"):
+        RULES_RELOADS.labels(result)
+    for direction in ("in", "out"):
+        BYTES.labels(direction)
+    for kind in ("connect", "lost", "protocol", "cancel"):
+        UPSTREAM_ERRORS.labels(kind)
+    for result in ("ok", "error"):
+        TLS_HANDSHAKES.labels(result)
+
+
+_initialise()
+
+
+def metric_names() -> set[str]:
+    """Every series name this registry can export (`_total`, `_bucket`, ... included)."""
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        names.add(family.name)
+        if family.type == "counter":
+            names.update({family.name + "_total", family.name + "_created"})
+        elif family.type == "histogram":
+            for suffix in ("_bucket", "_count", "_sum", "_created"):
+                names.add(family.name + suffix)
+        elif family.type == "info":
+            names.add(family.name + "_info")
+    return names

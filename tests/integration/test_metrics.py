@@ -1,0 +1,266 @@
+"""Metrics, /healthz and /readyz of a running Topeng, scraped over HTTP as Prometheus would.
+
+Every metric named in DESIGN.md is exported; traffic of known shape moves each one by the
+expected amount; with `--workers 2` every scrape (whichever worker answers) is the sum over
+both workers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from harness import BANK_RULES, TopengProcess, free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.sampledata import DEMO_USERS
+
+StartTopeng = Callable[..., TopengProcess]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+#: The metric families of DESIGN.md ("Metrics"), as exposed (counters get `_total`).
+DESIGN_METRICS = {
+    "topeng_client_connections": "gauge",
+    "topeng_connections": "counter",
+    "topeng_queries": "counter",
+    "topeng_refusals": "counter",
+    "topeng_masked_values": "counter",
+    "topeng_rows": "counter",
+    "topeng_query_duration_seconds": "histogram",
+    "topeng_analysis_duration_seconds": "histogram",
+    "topeng_analysis_cache": "counter",
+    "topeng_rules_reloads": "counter",
+    "topeng_rules_last_reload_success": "gauge",
+    "topeng_upstream_errors": "counter",
+}
+#: What a pgbouncer operator would also look for.
+OPERATOR_METRICS = {
+    "topeng_bytes": "counter",
+    "topeng_sessions": "gauge",
+    "topeng_upstream_connect_duration_seconds": "histogram",
+    "topeng_tls_handshakes": "counter",
+    "topeng_analysis_cache_entries": "gauge",
+    "topeng_build_info": "gauge",
+}
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(proxy: TopengProcess) -> tuple[dict[str, str], Samples]:
+    """(family name -> type, samples) of one /metrics answer."""
+    status, text = http_get(proxy.metrics_url + "/metrics")
+    assert status == 200, text
+    types: dict[str, str] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return types, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def connect(proxy: TopengProcess, user: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(proxy.dsn(user, DEMO_USERS[user]), autocommit=True)
+
+
+def agent_traffic(proxy: TopengProcess) -> None:
+    """One masked query (3 rows, 3 NIKs masked), one policy refusal, one row-limit refusal."""
+    with connect(proxy, "agent_citra") as conn:
+        rows = conn.execute("SELECT id, nik FROM bank.customers WHERE id <= 3 ORDER BY id")
+        masked = [r[1] for r in rows.fetchall()]
+        assert len(masked) == 3 and all(n.endswith("*" * 10) for n in masked)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT nama_ibu_kandung FROM bank.customers WHERE id = 1")
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute("SELECT id FROM bank.customers").fetchall()
+
+
+def test_every_metric_is_exported_with_its_type(start_topeng: StartTopeng) -> None:
+    proxy = start_topeng()
+    types, samples = scrape(proxy)
+    for name, kind in {**DESIGN_METRICS, **OPERATOR_METRICS}.items():
+        assert types.get(name) == kind, f"{name}: {types.get(name)}"
+    assert value(samples, "topeng_rules_last_reload_success") == 1
+    assert value(samples, "topeng_build_info") == 1
+    # Label values known up front exist at 0, so rate() has a series before the first event.
+    assert ("topeng_analysis_cache_total", frozenset({("result", "hit")})) in samples
+    assert ("topeng_rules_reloads_total", frozenset({("result", "error")})) in samples
+
+
+def test_traffic_moves_each_metric(start_topeng: StartTopeng) -> None:
+    proxy = start_topeng()
+    _, before = scrape(proxy)
+    agent_traffic(proxy)
+    with connect(proxy, "dba_ani") as conn:
+        assert conn.execute("SELECT count(*) FROM bank.customers").fetchone() == (2000,)
+        wait_until(
+            lambda: value(scrape(proxy)[1], "topeng_sessions", role="dba") == 1, "dba session"
+        )
+        _, during = scrape(proxy)
+        assert value(during, "topeng_client_connections") == 1
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="ok") == 2,
+        "both connections counted as ended ok",
+    )
+    _, after = scrape(proxy)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert value(after, "topeng_client_connections") == 0
+    assert value(after, "topeng_sessions") == 0
+    assert delta("topeng_queries_total", role="agent", decision="masked") == 1
+    assert delta("topeng_queries_total", role="agent", decision="refused") == 2
+    assert delta("topeng_queries_total", role="dba", decision="allowed") >= 1
+    assert delta("topeng_refusals_total", role="agent", reason="row_limit") == 1
+    assert delta("topeng_refusals_total", role="agent") == 2
+    assert delta("topeng_masked_values_total", role="agent", label="nik") == 3
+    assert delta("topeng_rows_total", role="agent") >= 3
+    assert delta("topeng_rows_total", role="dba") == 1
+    assert delta("topeng_query_duration_seconds_count", role="agent") == 3
+    assert delta("topeng_bytes_total", direction="in") > 0
+    assert delta("topeng_bytes_total", direction="out") > 0
+    assert delta("topeng_upstream_connect_duration_seconds_count") == 2
+    # The analysis cache: each restricted statement is analysed once (cache hit or miss).
+    lookups = delta("topeng_analysis_cache_total", result="hit") + delta(
+        "topeng_analysis_cache_total", result="miss"
+    )
+    assert lookups >= 3
+    assert delta("topeng_analysis_duration_seconds_count") == lookups
+    assert value(after, "topeng_analysis_cache_entries") >= 1
+    # Low-cardinality labels only: no user names anywhere in the exposition.
+    _, text = http_get(proxy.metrics_url + "/metrics")
+    assert "agent_citra" not in text and "dba_ani" not in text
+
+
+def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(BANK_RULES, rules)
+    proxy = start_topeng(rules=rules)
+    proxy.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_rules_reloads_total", result="ok") == 1,
+        "a successful reload",
+    )
+    assert value(scrape(proxy)[1], "topeng_rules_last_reload_success") == 1
+    rules.write_text("version: 1\nroles: [this is not a mapping\n")
+    proxy.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_rules_reloads_total", result="error") >= 1,
+        "a failed reload",
+    )
+    _, samples = scrape(proxy)
+    assert value(samples, "topeng_rules_last_reload_success") == 0
+    # The old rules stay in force.
+    with connect(proxy, "agent_citra") as conn:
+        assert (
+            conn.execute("SELECT nik FROM bank.customers WHERE id = 1")
+            .fetchone()[0]
+            .endswith("*" * 10)
+        )
+
+
+def test_health_and_ready(start_topeng: StartTopeng) -> None:
+    proxy = start_topeng()
+    assert http_get(proxy.metrics_url + "/healthz") == (200, "ok\n")
+    status, body = http_get(proxy.metrics_url + "/readyz")
+    assert (status, body.strip()) == (200, "ready")
+    assert http_get(proxy.metrics_url + "/nothing-here")[0] == 404
+
+
+def test_ready_fails_while_the_upstream_is_unreachable(start_topeng: StartTopeng) -> None:
+    proxy = start_topeng("--upstream", f"postgresql://127.0.0.1:{free_port()}")
+    assert http_get(proxy.metrics_url + "/healthz") == (200, "ok\n")
+    status, body = http_get(proxy.metrics_url + "/readyz")
+    assert status == 503
+    assert "upstream unreachable" in body
+    with pytest.raises(psycopg.OperationalError, match="cannot connect to the server"):
+        connect(proxy, "agent_citra")
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_upstream_errors_total", kind="connect") == 1,
+        "the upstream connect error counted",
+    )
+    _, samples = scrape(proxy)
+    assert value(samples, "topeng_connections_total", result="upstream_error") == 1
+
+
+# -- --workers N ----------------------------------------------------------------------------------
+
+
+def _worker_pids(proxy: TopengProcess) -> set[str]:
+    return set(re.findall(r"topeng\[(\d+)\]: client \S+: user \S+ gets role", proxy.stderr_text()))
+
+
+def test_workers_scrapes_are_the_sum(start_topeng: StartTopeng, tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proxy = start_topeng("--workers", "2", "--log-level", "debug", env={"TMPDIR": str(tmp)})
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("topeng-metrics-")]
+    sessions = 24
+    for i in range(sessions):
+        user = "dba_ani" if i % 2 else "agent_citra"
+        with connect(proxy, user) as conn:
+            conn.execute("SELECT id FROM bank.customers WHERE id = %s", (i + 1,)).fetchall()
+    # SO_REUSEPORT spread the connections over both workers (24 coin flips).
+    assert len(_worker_pids(proxy)) == 2, proxy.stderr_text()[-2000:]
+
+    def totals_complete() -> bool:
+        return value(scrape(proxy)[1], "topeng_connections_total", result="ok") == sessions
+
+    wait_until(totals_complete, f"{sessions} connections in the summed counter")
+    # Whichever worker answers, the answer is the sum over both.
+    for _ in range(10):
+        _, samples = scrape(proxy)
+        assert value(samples, "topeng_connections_total", result="ok") == sessions
+        assert value(samples, "topeng_queries_total", role="agent") == sessions // 2
+        assert value(samples, "topeng_rows_total", role="agent") == sessions // 2
+        assert value(samples, "topeng_query_duration_seconds_count", role="agent") == sessions // 2
+        assert value(samples, "topeng_upstream_connect_duration_seconds_count") == sessions
+        assert value(samples, "topeng_client_connections") == 0
+        assert value(samples, "topeng_rules_last_reload_success") == 1
+        assert value(samples, "topeng_build_info") == 1
+    # Gauges: open sessions of both workers add up.
+    held = [connect(proxy, "dba_ani") for _ in range(6)]
+    try:
+        wait_until(
+            lambda: value(scrape(proxy)[1], "topeng_client_connections") == len(held),
+            "the open connections of both workers",
+        )
+        for _ in range(5):
+            _, samples = scrape(proxy)
+            assert value(samples, "topeng_client_connections") == len(held)
+            assert value(samples, "topeng_sessions", role="dba") == len(held)
+    finally:
+        for conn in held:
+            conn.close()
+    assert proxy.stop() == 0
+    # The parent removed its metrics directory.
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("topeng-metrics-")]
