@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test lint unit bench fuzz clean
+.PHONY: all venv demo test lint unit bench fuzz soak clean
 
 all: test
 
@@ -31,6 +31,14 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Long forms of the fuzz and soak suites (make test runs their quick forms).
+fuzz: $(STAMP)
+	TOPENG_FUZZ_SECONDS=$${TOPENG_FUZZ_SECONDS:-300} $(PY) -m pytest -q -o timeout=0 tests/fuzz $(PYTEST_ARGS)
+
+soak: $(STAMP)
+	TOPENG_SOAK_SECONDS=$${TOPENG_SOAK_SECONDS:-600} TOPENG_SOAK_CONNECTIONS=$${TOPENG_SOAK_CONNECTIONS:-1000} \
+	  $(PY) -m pytest -q -s -o timeout=0 tests/integration/test_soak.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

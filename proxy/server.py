@@ -858,7 +858,7 @@ class Proxy:
                     conn.close_for(
                         ADMIN_SHUTDOWN, "terminating connection due to administrator command"
                     )
-                elif idle_limit and now - conn.last_activity > idle_limit and session.idle:
+                elif idle_limit and now - conn.last_activity > idle_limit and session.quiet:
                     conn.close_for(
                         IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"
                     )

@@ -416,6 +416,23 @@ class Session:
         waiting = len(self._queue) - self._copy_markers  # markers expect no reply
         return not waiting and self._client.pending() == 0 and self._server.pending() == 0
 
+    @property
+    def quiet(self) -> bool:
+        """The server owes nothing and no transaction is open: the client is the one keeping
+        the session (even half-way through sending a message). For idle timeouts."""
+        if self.phase is not Phase.READY or self._copy_in or self._in_batch:
+            return False
+        if not _tx_is_idle(self.transaction_status):
+            return False
+        if self.mode == "fast":
+            scan = self._server_scan
+            client = self._client_scan
+            outstanding = self._outstanding
+            if client is not None and client.partial_type in (Q, S, F):
+                outstanding -= 1  # counted, but the server has not all of it yet
+            return outstanding <= 0 and bool(scan and scan.at_boundary())
+        return len(self._queue) - self._copy_markers == 0 and self._server.pending() == 0
+
     # ------------------------------------------------------------------ client side
 
     def from_client(self, data: bytes) -> bytes:
@@ -1106,7 +1123,10 @@ class Session:
             except _Replaced:
                 return
         elif kind is Kind.FUNCTION and mtype == FUNC_RESULT:
-            pass  # ReadyForQuery follows
+            if head.refusal is not None:
+                # Topeng sent a call bound to fail in its place: a result means the server is
+                # not the PostgreSQL Topeng knows. Never forward it.
+                raise ProtocolViolation("the server answered a function call Topeng refused")
         elif kind is Kind.SYNC:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} before ReadyForQuery")
         else:
@@ -1281,7 +1301,8 @@ class Session:
         """A CopyData or CopyDone of COPY OUT; returns what to send instead (b"" for nothing)."""
         result = self._result
         if result is None or not result.is_copy:
-            return None
+            # COPY data with no CopyOutResponse before it has no plan: never forward it.
+            raise ProtocolViolation("the server sent COPY data without a CopyOutResponse")
         if result.aborted is not None or result.truncated:
             return b""
         if raw[0] == COPY_DONE:

@@ -229,12 +229,24 @@ class MessageScanner:
     a few comparisons per message, no calls unless a limit is broken.
     """
 
-    __slots__ = ("limits", "watch", "counts", "_skip", "_head", "_body_type", "_body", "_need")
+    __slots__ = (
+        "limits",
+        "watch",
+        "counts",
+        "partial_type",
+        "_skip",
+        "_head",
+        "_body_type",
+        "_body",
+        "_need",
+    )
 
     def __init__(self, limits: Limits, watch: frozenset[int]) -> None:
         self.limits = limits
         self.watch = watch
         self.counts = [0] * 256
+        # The type of a message counted (its header arrived) whose body has not all arrived.
+        self.partial_type = -1
         self._skip = 0  # bytes of an unwatched body still to pass
         self._head = b""  # a header split across chunks
         self._body_type = -1  # type of the watched body being collected, or -1
@@ -248,9 +260,12 @@ class MessageScanner:
         if self._skip:
             if self._skip >= n:
                 self._skip -= n
+                if not self._skip:
+                    self.partial_type = -1
                 return None
             pos = self._skip
             self._skip = 0
+            self.partial_type = -1
         elif self._body_type >= 0:
             take = min(self._need, n)
             self._body += data[:take]
@@ -259,6 +274,7 @@ class MessageScanner:
             if self._need:
                 return None
             out = [(self._body_type, bytes(self._body))]
+            self.partial_type = -1
             self._body_type = -1
             self._body = bytearray()
         if self._head:
@@ -301,9 +317,11 @@ class MessageScanner:
                     self._body_type = mtype
                     self._body = bytearray(data[pos + 5 : n])
                     self._need = end - n
+                    self.partial_type = mtype
                     break
             elif end > n:
                 self._skip = end - n
+                self.partial_type = mtype
                 break
             pos = end
         return out

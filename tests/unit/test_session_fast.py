@@ -232,3 +232,16 @@ def test_any_chunking_passes_bytes_and_tracks_state(data: st.DataObject) -> None
     assert s.transaction_status == "T"
     assert s.schema_changed
     assert not s.idle  # in a transaction
+
+
+def test_quiet_while_the_client_is_half_way_through_a_query() -> None:
+    # The server owes nothing for a Query it has not all received: the session is quiet (an
+    # idle timeout may close it), though not idle enough for a clean shutdown.
+    from wirekit import query, ready_session
+
+    pb = ready_session(None)
+    pb.to_server(query("SELECT 1")[:7])
+    assert pb.session.quiet
+    assert not pb.session.idle
+    pb.to_server(query("SELECT 1")[7:])
+    assert not pb.session.quiet
