@@ -33,6 +33,7 @@ from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogErro
 from proxy.policy.catalog import from_json as catalog_from_json
 from proxy.policy.decision import Refuse
 from proxy.policy.engine import AllowAll, RestrictedPolicy
+from proxy.policy.limits import Limiter, make_limiter
 from proxy.policy.masks import RowMasker
 from proxy.policy.roles import RoleMatch
 from proxy.policy.rules import HashKeySpec, Rules
@@ -295,7 +296,7 @@ class Connection:
             catalog = await self._catalog()
             search_path = await self._search_path()
             policy = self.proxy.restricted_policy(
-                rules, match, catalog, search_path, on_masked=self._on_masked
+                rules, match, catalog, search_path, on_masked=self._on_masked, user=session.user
             )
             startup_refusal = startup_parameter_refusal(session.startup, match.role.name)
             if startup_refusal is not None:
@@ -710,6 +711,7 @@ class Proxy:
         self.catalogs = CatalogCache()
         self.analysis_cache = AnalysisCache()
         register_analysis_cache(self.analysis_cache)
+        self.limiters: dict[str, Limiter] = {}
         self._random_hash_key = secrets.token_bytes(32)
         self._hash_keys: dict[HashKeySpec, bytes] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}
@@ -753,6 +755,7 @@ class Proxy:
         catalog: Catalog,
         search_path: tuple[str, ...],
         on_masked: Callable[[RowMasker], None] | None = None,
+        user: str | None = None,
     ) -> StatementPolicy:
         """The policy that judges a restricted session's statements."""
         return RestrictedPolicy(
@@ -763,7 +766,18 @@ class Proxy:
             cache=self.analysis_cache,
             hash_key=self.hash_key(rules),
             on_masked=on_masked,
+            limiter=self.limiter(rules),
+            user=user,
         )
+
+    def limiter(self, rules: Rules) -> Limiter:
+        """The rate-limit counters of the rules' backend, one per backend for the process."""
+        backend = rules.limits_backend
+        found = self.limiters.get(backend)
+        if found is None:
+            found = self.limiters[backend] = make_limiter(rules)
+            spawn(found.run(), name="topeng-limits")
+        return found
 
     def hash_key(self, rules: Rules) -> bytes:
         """The key of the `hash` mask: from the rules' hash_key, else random per process."""
@@ -880,6 +894,8 @@ class Proxy:
             conn.close_for(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for limiter in self.limiters.values():
+            limiter.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

@@ -137,6 +137,10 @@ class StatementPolicy(Protocol):
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision: ...
 
+    def judge_execute(self, sql: str) -> Refuse | None:
+        """Each Execute of a prepared statement (rates are charged per execution)."""
+        ...
+
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
     ) -> RowRewriter | Refuse | None:
@@ -652,6 +656,17 @@ class Session:
     def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
         portal = self._portals.get(execute.portal)
         assert self.policy is not None
+        if portal is not None and not isinstance(portal.statement.decision, Refuse):
+            refusal = self.policy.judge_execute(portal.statement.sql)
+            if refusal is not None:
+                # Executing a portal that cannot exist fails on the server like any error
+                # would, and its error is replaced by the refusal.
+                self.counters.refused += 1
+                record = StatementRecord(portal.statement.sql, "refused", self.clock())
+                record.refused(refusal)
+                self._queue.append(Pending(Kind.EXECUTE, refusal=refusal, record=record))
+                self._to_server.append(m.Execute(POISON_NAME, execute.max_rows).encode())
+                return
         if (
             portal is not None
             and not portal.described

@@ -40,12 +40,14 @@ from sqlglot.optimizer.scope import Scope, traverse_scope
 from sqlglot.schema import MappingSchema
 
 from proxy.policy.catalog import Catalog, Relation
+from proxy.policy.decision import CopyFormat
 
 __all__ = [
     "VIEW_SEARCH_PATH",
     "AnalysisError",
     "ColumnRef",
     "ColumnUse",
+    "FOLDING_AGGREGATES",
     "OutputColumn",
     "RelationInfo",
     "Setting",
@@ -166,6 +168,9 @@ class StatementFacts:
     inner: StatementFacts | None = None  # EXPLAIN / PREPARE / DECLARE / COPY (query)
     copy_target: str | None = None  # client, file or program
     node: str = ""  # libpg_query's node name, for messages
+    copy: CopyFormat | None = None  # COPY ... TO: the data format its options ask for
+    folds: frozenset[str] = frozenset()  # constructs folding many rows into one value
+    unfiltered: frozenset[int] = frozenset()  # relations read without a restricting WHERE
 
     def info(self, oid: int) -> RelationInfo | None:
         for item in self.relation_info:
@@ -245,7 +250,31 @@ class _PgFacts:
     operators: set[tuple[str, ...]] = field(default_factory=set)
     positional: bool = False
     writes: bool = False
+    folds: set[str] = field(default_factory=set)
 
+
+FOLDING_AGGREGATES: Final = frozenset(
+    {
+        "string_agg",
+        "array_agg",
+        "json_agg",
+        "json_agg_strict",
+        "jsonb_agg",
+        "jsonb_agg_strict",
+        "json_object_agg",
+        "json_object_agg_strict",
+        "json_object_agg_unique",
+        "json_object_agg_unique_strict",
+        "jsonb_object_agg",
+        "jsonb_object_agg_strict",
+        "jsonb_object_agg_unique",
+        "jsonb_object_agg_unique_strict",
+        "xmlagg",
+        "range_agg",
+        "range_intersect_agg",
+    }
+)
+"""Aggregates whose one value holds (a part of) every row they read."""
 
 _TABLE_FUNCS_WITH_SQL: Final = frozenset({"RangeTableFunc", "JsonTable"})
 
@@ -261,7 +290,18 @@ def _pg_facts(node: JsonNode) -> _PgFacts:
             if isinstance(query, dict) and set(query) & _WRITE_NODES:
                 facts.writes = True
         elif name == "FuncCall":
-            facts.functions.add(_strings(fields.get("funcname")))
+            fname = _strings(fields.get("funcname"))
+            facts.functions.add(fname)
+            if fname and fname[-1] in FOLDING_AGGREGATES:
+                facts.folds.add(fname[-1])
+        elif name in ("JsonArrayAgg", "JsonObjectAgg"):
+            facts.folds.add("json_arrayagg" if name == "JsonArrayAgg" else "json_objectagg")
+        elif name == "SubLink":
+            if fields.get("subLinkType") == "ARRAY_SUBLINK":
+                facts.folds.add("ARRAY(subquery)")
+        elif name == "WithClause":
+            if fields.get("recursive"):
+                facts.folds.add("WITH RECURSIVE")
         elif name == "A_Expr":
             if fields.get("kind") in ("AEXPR_OP", "AEXPR_OP_ANY", "AEXPR_OP_ALL"):
                 facts.operators.add(_strings(fields.get("name")))
@@ -488,7 +528,134 @@ def _copy(text: str, name: str, fields: JsonNode, ctx: _Context) -> StatementFac
         query_text = f"SELECT {target_list} FROM {table}"
         ((q_text, q_node),) = parse_statements(query_text)
         inner = _statement_facts(q_text, q_node, ctx)
-    return StatementFacts(kind=kind, text=text, node=name, copy_target=target, inner=inner)
+    return StatementFacts(
+        kind=kind,
+        text=text,
+        node=name,
+        copy_target=target,
+        inner=inner,
+        copy=_copy_format(fields.get("options") or [], inner),
+    )
+
+
+_COPY_STRING_OPTIONS: Final = ("delimiter", "quote", "escape", "null")
+
+
+def _copy_format(options: list[Any], inner: StatementFacts) -> CopyFormat:
+    """The format options of COPY ... TO (the legacy `CSV`, `BINARY`, `DELIMITER 'x'`, ...
+    spellings reach here as the same DefElems as `WITH (FORMAT csv, ...)`)."""
+    fmt = "text"
+    values: dict[str, str] = {}
+    header = False
+    unsupported: str | None = None
+    for item in options:
+        elem = item.get("DefElem", {}) if isinstance(item, dict) else {}
+        name = str(elem.get("defname", ""))
+        arg = elem.get("arg")
+        text = _defelem_text(arg)
+        if name == "format":
+            if text in ("text", "csv", "binary"):
+                fmt = text
+            else:
+                unsupported = f"FORMAT {text}"
+        elif name in _COPY_STRING_OPTIONS:
+            if text is None:
+                unsupported = name.upper()
+            else:
+                values[name] = text
+        elif name == "header":
+            if arg is None or text in ("true", "on", "1", "t", "yes"):
+                header = True
+            elif text in ("false", "off", "0", "f", "no"):
+                header = False
+            else:
+                unsupported = f"HEADER {text}"
+        else:
+            unsupported = name.upper()
+    if fmt == "binary" and (values or header):
+        unsupported = unsupported or "options of the text formats with FORMAT binary"
+    outputs = inner.outputs
+    return CopyFormat(
+        format=fmt,  # type: ignore[arg-type]
+        delimiter=values.get("delimiter"),
+        quote=values.get("quote"),
+        escape=values.get("escape"),
+        null=values.get("null"),
+        header=header,
+        column_count=None if outputs is None else len(outputs),
+        unsupported=unsupported,
+    )
+
+
+def _defelem_text(arg: object) -> str | None:
+    if not isinstance(arg, dict):
+        return None
+    if "String" in arg:
+        return str(arg["String"].get("sval", ""))
+    if "Boolean" in arg:
+        return "true" if arg["Boolean"].get("boolval") else "false"
+    if "Integer" in arg:
+        return str(arg["Integer"].get("ival", 0))
+    if "A_Star" in arg:
+        return "*"
+    return None
+
+
+def _unfiltered(node: JsonNode, pg: _PgFacts, ctx: _Context) -> set[int]:
+    """Relations some SELECT level reads (in its FROM, joins included) while that level has no
+    WHERE, or a WHERE that restricts nothing: no column reference, or an OR with a branch
+    that references no column (`WHERE true`, `WHERE 1 = 1`, `WHERE id > 0 OR true`). A
+    syntactic test: `WHERE id > 0` counts as restricting."""
+    found: set[int] = set()
+    for fields in _select_levels(node):
+        where = fields.get("whereClause")
+        if where is not None and _restricts(where):
+            continue
+        for parts in _from_rangevars(fields.get("fromClause") or []):
+            if len(parts) == 1 and parts[0] in pg.ctes:
+                continue
+            rel = ctx.catalog.resolve(parts, ctx.search_path)
+            if rel is not None:
+                found.add(rel.root.oid)
+                found.add(rel.oid)
+    return found
+
+
+def _select_levels(node: object) -> Iterator[JsonNode]:
+    for name, fields in _walk_json(node):
+        if name == "SelectStmt" and fields.get("op", "SETOP_NONE") == "SETOP_NONE":
+            yield fields
+
+
+def _from_rangevars(items: list[Any]) -> Iterator[tuple[str, ...]]:
+    """RangeVars of a FROM list, through joins, not into subqueries."""
+    stack: list[object] = list(items)
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        if "RangeVar" in item:
+            yield _rangevar_parts(item["RangeVar"])
+        elif "JoinExpr" in item:
+            join = item["JoinExpr"]
+            stack.extend([join.get("larg"), join.get("rarg")])
+
+
+def _has_column(node: object) -> bool:
+    return any(name == "ColumnRef" for name, _ in _walk_json({"x": node}))
+
+
+def _restricts(where: object) -> bool:
+    if not _has_column(where):
+        return False
+    if isinstance(where, dict) and "BoolExpr" in where:
+        expr = where["BoolExpr"]
+        args = expr.get("args") or []
+        if expr.get("boolop") == "OR_EXPR":
+            return all(_restricts(a) for a in args)
+        if expr.get("boolop") == "AND_EXPR":
+            return any(_restricts(a) for a in args)
+    return True
 
 
 _Handler = Callable[[str, str, JsonNode, _Context], StatementFacts]
@@ -547,6 +714,8 @@ def _query_facts(text: str, node: JsonNode, ctx: _Context, *, kind: str) -> Stat
         positional_refs=pg.positional,
         writes=pg.writes or kind != "select",
         into=into,
+        folds=frozenset(pg.folds),
+        unfiltered=frozenset(_unfiltered(node, pg, ctx)),
     )
     if kind != "select":
         return _with_relations(base, pg, ctx, "data-modifying statements are not analysed")
@@ -652,6 +821,8 @@ def _select_facts(
         relations=frozenset(relations),
         star_relations=frozenset(stars),
         relation_info=_relation_infos(relations, ctx.catalog),
+        # what a view reads is read with the view's WHERE, not the query's: unfiltered
+        unfiltered=base.unfiltered | frozenset(relations - resolved.oids),
     )
 
 

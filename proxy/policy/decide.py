@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import Final
 
@@ -455,7 +456,36 @@ def _judge_copy_out(
             detail="copy_out: allow copies only data with nothing masked",
             hint="leave the masked columns out of the COPY, or SELECT them (masked) instead",
         )
+    if isinstance(inner, Mask) and inner.columns:
+        return _copy_mask(facts, inner, role)
     return inner
+
+
+def _copy_mask(facts: StatementFacts, inner: Mask, role: Role) -> Decision:
+    """A masked COPY TO STDOUT (copy_out: mask): the decision carries the COPY's format and
+    the base columns of each masked column, which the masker needs for their types."""
+    copy = facts.copy
+    outputs = facts.inner.outputs if facts.inner is not None else None
+    why = None
+    if copy is None or outputs is None:
+        why = "the COPY's data format could not be determined"
+    elif copy.unsupported is not None:
+        why = f"COPY option {copy.unsupported} cannot be combined with masking"
+    if why is not None or copy is None or outputs is None:
+        return _refuse(
+            FEATURE_NOT_SUPPORTED,
+            "copy",
+            f"COPY of masked columns with these options is not supported for role {role.name}",
+            detail=why,
+            hint="use FORMAT text, csv or binary with DELIMITER, QUOTE, ESCAPE, NULL or HEADER "
+            "only, or SELECT the columns (they are returned masked)",
+        )
+    sources = tuple(
+        (index, tuple(sorted(outputs[index].sources)))
+        for index in sorted(inner.columns)
+        if index < len(outputs)
+    )
+    return Mask(inner.columns, copy=replace(copy, sources=sources))
 
 
 def _judge_copy_in(
@@ -592,7 +622,75 @@ def _judge_query(facts: StatementFacts, rules: Rules, role: Role) -> Decision:
     refused = _functions(facts, role)
     if refused is not None:
         return refused
-    return _ColumnJudge(facts, rules, role).judge()
+    refused = _require_where(facts, role)
+    if refused is not None:
+        return refused
+    decision = _ColumnJudge(facts, rules, role).judge()
+    if isinstance(decision, Refuse):
+        return decision
+    refused = _folding(facts, rules, role)
+    return refused if refused is not None else decision
+
+
+def _require_where(facts: StatementFacts, role: Role) -> Refuse | None:
+    """A relation named by the role's `require_where` read without a restricting WHERE."""
+    if not role.require_where:
+        return None
+    for info in facts.relation_info:
+        if info.oid not in facts.unfiltered:
+            continue
+        names = {f"{info.schema}.{info.name}", f"{info.label_schema}.{info.label_name}"}
+        glob = next((g for g in role.require_where if any(fnmatchcase(n, g) for n in names)), None)
+        if glob is None:
+            continue
+        shown = f"{info.schema}.{info.name}"
+        return _refuse(
+            INSUFFICIENT_PRIVILEGE,
+            "require_where",
+            f"reading {shown} without a WHERE clause is not permitted for role {role.name} "
+            f"(require_where: {glob})",
+            detail=f"the statement reads {shown} with no WHERE, a WHERE that is always true, "
+            "or through a view or COPY of the whole table",
+            hint=f"add a WHERE on a key column of {shown}, e.g. WHERE id = 42, and select "
+            "only the rows you need",
+        )
+    return None
+
+
+def _labelled(facts: StatementFacts, rules: Rules) -> str | None:
+    """`schema.table` of the first relation the statement reads that has labelled columns."""
+    for info in facts.relation_info:
+        for _, column in info.columns:
+            if rules.labels_for_column(info.label_schema, info.label_name, column):
+                return f"{info.schema}.{info.name}"
+    return None
+
+
+def _folding(facts: StatementFacts, rules: Rules, role: Role) -> Refuse | None:
+    """Aggregates that fold many rows into one value over a table with labelled columns: a
+    one-row result must not carry a whole table past max_rows_per_query. Roles without any
+    row limit may use them."""
+    if not facts.folds:
+        return None
+    if (
+        role.max_rows_per_query is None
+        and role.max_rows_per_minute is None
+        and role.max_rows_per_hour is None
+    ):
+        return None
+    table = _labelled(facts, rules)
+    if table is None:
+        return None
+    what = ", ".join(sorted(facts.folds))
+    return _refuse(
+        INSUFFICIENT_PRIVILEGE,
+        "aggregate",
+        f"{what} over {table} is not permitted for role {role.name}: it folds many rows into "
+        "one value, around the row limit",
+        detail=f"{table} has labelled columns, and role {role.name} has a row limit",
+        hint="select the rows themselves with a LIMIT (e.g. SELECT full_name FROM ... "
+        "WHERE ... LIMIT 50); count(), sum(), min() and max() are allowed",
+    )
 
 
 def _catalog_views(facts: StatementFacts, role: Role) -> Refuse | None:

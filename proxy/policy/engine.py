@@ -11,10 +11,12 @@ reaches the client (two sources of truth, both must agree).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from proxy.policy.analyze import StatementFacts, parse_statements
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import Catalog
 from proxy.policy.decide import judge_sql_with_facts, remember
@@ -22,12 +24,29 @@ from proxy.policy.decision import (
     ALLOW,
     FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
+    RATE_LIMIT,
     Allow,
     Decision,
     Mask,
     Refuse,
 )
-from proxy.policy.masks import FieldMasker, MaskNotApplicable, RowMasker, build_field_masker
+from proxy.policy.limits import (
+    HOUR,
+    MINUTE,
+    Exhausted,
+    Limiter,
+    count_lookups,
+    counts_as_query,
+    lookup_limits,
+    reads_rows,
+)
+from proxy.policy.masks import (
+    FieldMasker,
+    MaskNotApplicable,
+    RowMasker,
+    build_copy_masker,
+    build_field_masker,
+)
 from proxy.policy.rules import Role, Rules
 from proxy.session import CopyRewriter, RowLimit, RowRewriter
 from proxy.wire import messages as m
@@ -49,6 +68,9 @@ class AllowAll:
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return ALLOW
+
+    def judge_execute(self, sql: str) -> Refuse | None:
+        return None
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
@@ -92,6 +114,9 @@ class RefuseAll:
         return self.refusal
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
+        return self.refusal
+
+    def judge_execute(self, sql: str) -> Refuse | None:
         return self.refusal
 
     def plan_rows(
@@ -176,8 +201,17 @@ class RestrictedPolicy:
         cache: AnalysisCache,
         hash_key: bytes,
         on_masked: Callable[[RowMasker], None] | None = None,
+        limiter: Limiter | None = None,
+        user: str | None = None,
     ) -> None:
+        """`limiter` and `user` enable the per-user rate limits (max_rows_per_minute,
+        max_rows_per_hour, max_queries_per_minute, max_lookups_per_minute); without a limiter
+        they are not enforced; without a user they are counted per role (all users of the
+        role share one budget: stricter, never looser)."""
         self.rules = rules
+        self.limiter = limiter
+        self.user = user if user is not None else f"role:{role.name}"
+        self._lookup_labels = lookup_limits(rules, role.name)
         self.role = role
         self.catalog = catalog
         self.search_path = search_path
@@ -196,7 +230,7 @@ class RestrictedPolicy:
 
     # -- statements
 
-    def _judge(self, sql: str) -> Refuse | tuple[Decision, ...]:
+    def _judge(self, sql: str, *, charge: bool = True) -> Refuse | tuple[Decision, ...]:
         judged = judge_sql_with_facts(
             sql,
             self.catalog,
@@ -209,6 +243,10 @@ class RestrictedPolicy:
         )
         if isinstance(judged, Refuse):
             return judged
+        if self.limiter is not None:
+            refused = self._charge(sql, [facts for facts, _ in judged], commit=charge)
+            if refused is not None:
+                return refused
         for facts, decision in judged:
             remember(facts, decision, self.prepared, self.cursors)
         return tuple(decision for _, decision in judged)
@@ -217,7 +255,8 @@ class RestrictedPolicy:
         return self._judge(sql)
 
     def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision:
-        judged = self._judge(sql)
+        # Checked now (an exhausted rate refuses the Parse), charged at each Execute.
+        judged = self._judge(sql, charge=False)
         if isinstance(judged, Refuse):
             return judged
         if len(judged) != 1:
@@ -227,6 +266,16 @@ class RestrictedPolicy:
                 reason="syntax",
             )
         return judged[0]
+
+    def judge_execute(self, sql: str) -> Refuse | None:
+        """Each execution of a prepared statement draws on the rates again."""
+        if self.limiter is None:
+            return None
+        try:
+            facts = self.cache.analyze(sql, self.catalog, self.search_path)
+        except Exception:  # it was analysed at Parse; anything else is not a rate question
+            return None
+        return self._charge(sql, list(facts), commit=True)
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return Refuse(
@@ -246,11 +295,122 @@ class RestrictedPolicy:
             reason="unsupported",
         )
 
+    # -- rate limits
+
+    def _row_windows(self) -> Iterator[tuple[str, int, int]]:
+        """(rule, limit, window seconds) of the role's row rates."""
+        if self.role.max_rows_per_minute:
+            yield "max_rows_per_minute", self.role.max_rows_per_minute, MINUTE
+        if self.role.max_rows_per_hour:
+            yield "max_rows_per_hour", self.role.max_rows_per_hour, HOUR
+
+    def _charge(
+        self, sql: str, all_facts: list[StatementFacts], *, commit: bool = True
+    ) -> Refuse | None:
+        """Check every rate the statements draw on and, when all fit, charge the statements
+        and lookups (rows are charged as they are sent). A refused string costs nothing."""
+        limiter = self.limiter
+        assert limiter is not None
+        role = self.role
+        queries = sum(1 for f in all_facts if counts_as_query(f))
+        lookups: dict[str, int] = {}
+        if self._lookup_labels:
+            split: list[str] = []
+
+            def text_of(index: int) -> str:
+                if not split:
+                    split.extend(t for t, _ in parse_statements(sql))
+                return split[index] if len(split) == len(all_facts) else sql
+
+            for index, facts in enumerate(all_facts):
+                counted = count_lookups(
+                    facts, self.rules, self._lookup_labels, functools.partial(text_of, index)
+                )
+                if isinstance(counted, Refuse):
+                    return counted
+                for label, n in counted.items():
+                    lookups[label] = lookups.get(label, 0) + n
+        qkey = f"queries:{self.user}"
+        if queries and role.max_queries_per_minute:
+            out = limiter.check(qkey, role.max_queries_per_minute, MINUTE, queries)
+            if out is not None:
+                return self._rate_refusal("max_queries_per_minute", "statements", out)
+        if any(reads_rows(f) for f in all_facts):
+            for rule, limit, window in self._row_windows():
+                out = limiter.check(f"rows:{self.user}", limit, window, 1)
+                if out is not None:
+                    return self._rate_refusal(rule, "rows", out)
+        for label, n in sorted(lookups.items()):
+            limit = self._lookup_labels[label]
+            out = limiter.check(f"lookups:{label}:{self.user}", limit, MINUTE, n)
+            if out is not None:
+                return self._lookup_refusal(label, n, out)
+        if not commit:
+            return None
+        if queries and role.max_queries_per_minute:
+            limiter.add(qkey, MINUTE, queries)
+        for label, n in lookups.items():
+            limiter.add(f"lookups:{label}:{self.user}", MINUTE, n)
+        return None
+
+    def _rate_refusal(self, rule: str, what: str, out: Exhausted) -> Refuse:
+        span = "minute" if out.window == MINUTE else "hour"
+        return Refuse(
+            RATE_LIMIT,
+            f"topeng: {rule} ({out.limit} {what}) is exhausted for user {self.user} "
+            f"(role {self.role.name}); retry in {out.retry_after} seconds",
+            detail=f"{out.used} {what} in the last {span}, counted across all sessions of "
+            f"the user; the limit is {out.limit} a {span}. Retry after {out.retry_after} s.",
+            hint=f"wait {out.retry_after} seconds before the next statement, and fetch fewer "
+            "rows per statement (a LIMIT, a narrower WHERE)",
+            reason="rate_limit",
+        )
+
+    def _lookup_refusal(self, label: str, n: int, out: Exhausted) -> Refuse:
+        return Refuse(
+            RATE_LIMIT,
+            f"topeng: max_lookups_per_minute ({out.limit}) for label {label} is exhausted for "
+            f"user {self.user}; retry in {out.retry_after} seconds",
+            detail=f"{out.used} lookups by {label} in the last minute across all sessions of "
+            f"the user; this statement looks up {n} more (each value of an IN list counts). "
+            f"Retry after {out.retry_after} s.",
+            hint=f"wait {out.retry_after} seconds; to find many rows, filter on another column "
+            f"instead of enumerating {label} values",
+            reason="lookup_limit",
+        )
+
     def row_limit(self, decision: Decision) -> RowLimit | None:
-        return self._row_limit
+        limiter = self.limiter
+        if limiter is None:
+            return self._row_limit
+        per_query = self.role.max_rows_per_query
+        best: tuple[int, str, int, int] | None = None  # rows left, rule, limit, window
+        for rule, limit, window in self._row_windows():
+            left = limiter.remaining(f"rows:{self.user}", limit, window)
+            if best is None or left < best[0]:
+                best = (left, rule, limit, window)
+        if best is None or (per_query is not None and per_query <= best[0]):
+            return self._row_limit
+        left, rule, limit, window = best
+        out = limiter.check(f"rows:{self.user}", limit, window, left + 1)
+        refusal = self._rate_refusal(
+            rule, "rows", out or Exhausted(limit, window, limit - left, window)
+        )
+        refusal = Refuse(
+            refusal.sqlstate,
+            refusal.message,
+            detail=f"The statement returned more rows than are left of the user's {rule} "
+            f"({left} of {limit}); it was cancelled. " + (refusal.detail or ""),
+            hint=refusal.hint,
+            reason="rate_limit",
+        )
+        return RowLimit(left, refusal=refusal)
 
     def rows_sent(self, decision: Decision, rows: int) -> None:
-        pass
+        if self.limiter is None or rows <= 0:
+            return
+        for _, _, window in self._row_windows():
+            self.limiter.add(f"rows:{self.user}", window, rows)
 
     def check_parameter(self, name: str, value: str) -> Refuse | None:
         return parameter_refusal(name, value)
@@ -278,15 +438,7 @@ class RestrictedPolicy:
             return decision
         if not isinstance(decision, Mask) or not decision.columns:
             return None
-        # Masking COPY data needs the COPY's own format options (text, CSV, binary): until
-        # the decision carries them, a masked COPY is refused rather than sent as it is.
-        return Refuse(
-            FEATURE_NOT_SUPPORTED,
-            "topeng: COPY of masked columns is not supported yet",
-            detail="the COPY selects columns that are masked for role " + repr(self.role.name),
-            hint="SELECT the columns instead: they are returned masked.",
-            reason="copy",
-        )
+        return plan_copy_masker(decision, response, self.catalog, self.hash_key, self.role.name)
 
     # -- results
 
@@ -361,3 +513,78 @@ class RestrictedPolicy:
         if self.on_masked is not None:
             self.on_masked(rewriter)
         return rewriter
+
+
+def _copy_refusal(detail: str, role: str) -> Refuse:
+    return Refuse(
+        FEATURE_NOT_SUPPORTED,
+        "topeng: this COPY of masked columns cannot be masked safely, so it is refused",
+        detail=f"{detail} (role {role})",
+        hint="SELECT the columns instead: they are returned masked.",
+        reason="copy",
+    )
+
+
+def plan_copy_masker(
+    decision: Mask, response: m.CopyResponse, catalog: Catalog, hash_key: bytes, role: str
+) -> CopyRewriter | Refuse:
+    """The masker of a COPY TO STDOUT (copy_out: mask), in the COPY's own format; the masked
+    columns' types come from the catalog (CopyOutResponse carries none). Fail closed."""
+    copy = decision.copy
+    if copy is None:
+        return _copy_refusal("the decision carries no COPY format", role)
+    binary = copy.format == "binary"
+    if response.format != (1 if binary else 0):
+        return _copy_refusal(
+            f"the server sends format {response.format} for a {copy.format} COPY", role
+        )
+    count = copy.column_count
+    if count is None or (response.column_formats and len(response.column_formats) != count):
+        return _disagree(
+            f"the COPY sends {len(response.column_formats)} columns where the analysis expects "
+            f"{count}"
+        )
+    sources = dict(copy.sources)
+    maskers: dict[int, tuple[FieldMasker, str]] = {}
+    for index, spec in sorted(decision.columns.items()):
+        refs = sources.get(index, ())
+        types = {
+            (col.type_oid, col.typmod)
+            for ref in refs
+            if (col := catalog.column(ref[0], ref[1])) is not None
+        }
+        if not refs or len(types) != 1 or index >= count:
+            return _copy_refusal(f"the type of masked column {index + 1} is not known", role)
+        ((type_oid, typmod),) = types
+        try:
+            masker = build_field_masker(
+                spec.mask,
+                dict(spec.params),
+                type_oid=type_oid,
+                typmod=typmod,
+                fmt=1 if binary else 0,
+                hash_key=hash_key,
+            )
+        except MaskNotApplicable as exc:
+            return Refuse(
+                INSUFFICIENT_PRIVILEGE,
+                f"topeng: column {index + 1} (label {spec.label}) cannot be masked with "
+                f"{spec.mask}",
+                detail=str(exc),
+                hint="Ask your DBA to fix the mask of this label in the rules.",
+                reason="mask",
+            )
+        maskers[index] = (masker, spec.label)
+    try:
+        return build_copy_masker(
+            copy.format,
+            maskers,
+            column_count=count,
+            delimiter=copy.delimiter,
+            quote=copy.quote,
+            escape=copy.escape,
+            null=copy.null,
+            header=copy.header,
+        )
+    except ValueError as exc:
+        return _copy_refusal(str(exc), role)

@@ -133,3 +133,22 @@ def test_nothing_to_expire_when_idle() -> None:
     pb, _ = _clocked(MarkerPolicy())
     assert not pb.session.expire_running(Refuse("57014", "x"))
     assert not pb.session.cancel_requested
+
+
+def test_execute_refused_by_the_policy_never_runs() -> None:
+    from wirekit import EXECUTE_REFUSE_MARKER, refusal_bytes
+
+    from proxy.session import POISON_NAME
+    from proxy.wire import messages as m
+
+    pb, _ = _clocked(MarkerPolicy())
+    sql = f"SELECT 1 /* {EXECUTE_REFUSE_MARKER} */"
+    sent = pb.to_server(parse(sql), bind(), execute(), SYNC)
+    assert m.Execute(POISON_NAME).encode() in sent
+    assert execute() not in sent
+    out = pb.to_client(
+        PARSE_COMPLETE, BIND_COMPLETE, error("34000", "portal does not exist"), ready("I")
+    )
+    assert out == PARSE_COMPLETE + BIND_COMPLETE + refusal_bytes() + ready("I")
+    (record,) = pb.session.records
+    assert record.decision == "refused"

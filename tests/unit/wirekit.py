@@ -281,6 +281,7 @@ def rows_reply(names: Sequence[str], rows: Sequence[Sequence[str | None]], tag: 
 # --------------------------------------------------------------------------- a test policy
 
 REFUSE_MARKER = "FORBIDDEN"
+EXECUTE_REFUSE_MARKER = "RATED"  # judged fine at Parse, refused at each Execute
 MASK_MARKER = "MASKME"
 MASKED = b"xxxx"
 
@@ -327,6 +328,9 @@ class MarkerPolicy:
     def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision:
         self.judged.append(sql)
         return self._decide(sql)
+
+    def judge_execute(self, sql: str) -> Refuse | None:
+        return MARKER_REFUSAL if EXECUTE_REFUSE_MARKER in sql else None
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         if call.function_oid == 666:
