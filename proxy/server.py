@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from proxy.config import Config
 from proxy.observe import metrics
@@ -106,6 +107,8 @@ class Connection:
         self._authenticated: asyncio.Future[None] | None = None
         self._flushed = Counters()
         self._masker: RowMasker | None = None  # the latest result's, its counts not yet flushed
+        self._cancelling: asyncio.Task[Any] | None = None  # a cancel on its way to the server
+        self._held_client: list[bytes] = []  # client data waiting for that cancel
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -430,6 +433,9 @@ class Connection:
         session = self.session
         assert session is not None and self.upstream is not None
         self.last_activity = time.monotonic()
+        if self._cancelling is not None:
+            self._held_client.append(data)
+            return
         try:
             out = session.from_client(data)
         except ProtocolViolation as exc:
@@ -522,11 +528,31 @@ class Connection:
                 audit.statement(self.context, record)
 
     def _cancel_running(self) -> None:
-        """Cancel whatever this session's server backend is running."""
+        """Cancel whatever this session's server backend is running.
+
+        Until the server has taken the cancel, the client's next messages wait: a cancel that
+        reached the backend after the aborted statement had finished would otherwise cancel
+        the client's next one (a cancel that arrives while the backend is idle is dropped).
+        """
         session = self.session
         key = session.backend_key if session is not None else None
-        if key is not None:
-            spawn(self.proxy.forward_cancel(CancelRequest(key.process_id, key.secret_key)))
+        if key is None:
+            return
+        task = spawn(self.proxy.forward_cancel(CancelRequest(key.process_id, key.secret_key)))
+        if self.closing:
+            return
+        self._cancelling = task
+        task.add_done_callback(self._cancel_done)
+
+    def _cancel_done(self, task: asyncio.Task[Any]) -> None:
+        if self._cancelling is not task:
+            return
+        self._cancelling = None
+        held, self._held_client = self._held_client, []
+        for data in held:
+            if self.closing:
+                return
+            self._on_client_data(data)
 
     def _on_client_lost(self, exc: Exception | None) -> None:
         session = self.session
