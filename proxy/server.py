@@ -794,6 +794,7 @@ class Proxy:
             on_masked=on_masked,
             limiter=self.limiter(rules),
             user=user,
+            rules_source=lambda: self.rules.current,
         )
 
     def limiter(self, rules: Rules) -> Limiter:

@@ -137,8 +137,15 @@ class StatementPolicy(Protocol):
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision: ...
 
-    def judge_execute(self, sql: str) -> Refuse | None:
-        """Each Execute of a prepared statement (rates are charged per execution)."""
+    @property
+    def generation(self) -> int:
+        """Which rules the policy judges by now (it changes when the rules are reloaded)."""
+        ...
+
+    def judge_execute(self, sql: str, generation: int) -> tuple[Decision | None, int]:
+        """Each Execute of a statement prepared under rules `generation`: a new decision if
+        the rules changed (None: the prepared one stands; a Refuse refuses the execution), and
+        the generation it belongs to. Rates are charged per execution."""
         ...
 
     def plan_rows(
@@ -198,6 +205,7 @@ class Statement:
     description: m.RowDescription | None = None
     created: bool = False  # ParseComplete seen
     closing: bool = False  # a Close for it is on its way to the server
+    generation: int = 0  # the policy's rules generation its decision was made under
     described: bool = False  # a Describe for it was sent (its reply may be on its way)
 
 
@@ -619,7 +627,7 @@ class Session:
         if existing is None or existing.closing:
             # A named statement that exists already makes the server fail this Parse, and the
             # old statement stays: so the old entry stays too.
-            stmt = Statement(parse.name, parse.sql, decision)
+            stmt = Statement(parse.name, parse.sql, decision, generation=self.policy.generation)
             self._statements[parse.name] = stmt
             pending.statement = stmt
             pending.new_statement = True
@@ -657,7 +665,11 @@ class Session:
         portal = self._portals.get(execute.portal)
         assert self.policy is not None
         if portal is not None and not isinstance(portal.statement.decision, Refuse):
-            refusal = self.policy.judge_execute(portal.statement.sql)
+            stmt = portal.statement
+            verdict, stmt.generation = self.policy.judge_execute(stmt.sql, stmt.generation)
+            refusal = verdict if isinstance(verdict, Refuse) else None
+            if verdict is not None and refusal is None:
+                stmt.decision = verdict  # judged again under reloaded rules
             if refusal is not None:
                 # Executing a portal that cannot exist fails on the server like any error
                 # would, and its error is replaced by the refusal.

@@ -69,8 +69,10 @@ class AllowAll:
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return ALLOW
 
-    def judge_execute(self, sql: str) -> Refuse | None:
-        return None
+    generation = 0
+
+    def judge_execute(self, sql: str, generation: int) -> tuple[Decision | None, int]:
+        return None, 0
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
@@ -116,8 +118,10 @@ class RefuseAll:
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return self.refusal
 
-    def judge_execute(self, sql: str) -> Refuse | None:
-        return self.refusal
+    generation = 0
+
+    def judge_execute(self, sql: str, generation: int) -> tuple[Decision | None, int]:
+        return self.refusal, 0
 
     def plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
@@ -203,16 +207,22 @@ class RestrictedPolicy:
         on_masked: Callable[[RowMasker], None] | None = None,
         limiter: Limiter | None = None,
         user: str | None = None,
+        rules_source: Callable[[], Rules] | None = None,
     ) -> None:
         """`limiter` and `user` enable the per-user rate limits (max_rows_per_minute,
         max_rows_per_hour, max_queries_per_minute, max_lookups_per_minute); without a limiter
         they are not enforced; without a user they are counted per role (all users of the
-        role share one budget: stricter, never looser)."""
-        self.rules = rules
+        role share one budget: stricter, never looser).
+
+        `rules_source` returns the rules in force: when they change (a reload), the next
+        statement is judged by the new ones. The session keeps its role by name; a reload that
+        removes the role refuses the session's further statements."""
         self.limiter = limiter
         self.user = user if user is not None else f"role:{role.name}"
-        self._lookup_labels = lookup_limits(rules, role.name)
-        self.role = role
+        self.rules_source = rules_source
+        self._gone: Refuse | None = None
+        self.generation = 0  # counts the rules adopted: what a prepared statement was judged by
+        self._adopt(rules, role)
         self.catalog = catalog
         self.search_path = search_path
         self.cache = cache
@@ -220,6 +230,13 @@ class RestrictedPolicy:
         self.on_masked = on_masked
         self.prepared: dict[str, Decision] = {}
         self.cursors: dict[str, Decision] = {}
+
+    def _adopt(self, rules: Rules, role: Role) -> None:
+        """Judge by these rules and this role from now on."""
+        self.generation += 1
+        self.rules = rules
+        self.role = role
+        self._lookup_labels = lookup_limits(rules, role.name)
         limit = role.max_rows_per_query
         self._row_limit = (
             RowLimit(limit, truncate=role.on_row_limit == "truncate") if limit else None
@@ -228,9 +245,40 @@ class RestrictedPolicy:
         timeout_ms = role.statement_timeout_ms
         self.statement_timeout: float | None = timeout_ms / 1000 if timeout_ms else None
 
+    def _current(self) -> Refuse | None:
+        """Follow a rules reload; a Refuse if the session's role is gone or now unrestricted."""
+        source = self.rules_source
+        if source is None:
+            return None
+        rules = source()
+        if rules is self.rules:
+            return self._gone
+        name = self.role.name
+        try:
+            role = rules.role(name)
+        except KeyError:
+            role = None
+        if role is None or role.unrestricted:
+            # A restricted session never becomes unrestricted mid-way, nor guesses a new role.
+            self.rules = rules
+            self._gone = Refuse(
+                FEATURE_NOT_SUPPORTED,
+                f"topeng: role {name!r} changed in the rules since this session started",
+                detail="the rules were reloaded and no longer define this restricted role",
+                hint="Reconnect: a new session gets a role from the current rules.",
+                reason="unsupported",
+            )
+            return self._gone
+        self._gone = None
+        self._adopt(rules, role)
+        return None
+
     # -- statements
 
     def _judge(self, sql: str, *, charge: bool = True) -> Refuse | tuple[Decision, ...]:
+        gone = self._current()
+        if gone is not None:
+            return gone
         judged = judge_sql_with_facts(
             sql,
             self.catalog,
@@ -267,15 +315,28 @@ class RestrictedPolicy:
             )
         return judged[0]
 
-    def judge_execute(self, sql: str) -> Refuse | None:
-        """Each execution of a prepared statement draws on the rates again."""
-        if self.limiter is None:
-            return None
-        try:
-            facts = self.cache.analyze(sql, self.catalog, self.search_path)
-        except Exception:  # it was analysed at Parse; anything else is not a rate question
-            return None
-        return self._charge(sql, list(facts), commit=True)
+    def judge_execute(self, sql: str, generation: int) -> tuple[Decision | None, int]:
+        """Each execution of a prepared statement: judged again if the rules were reloaded
+        since it was prepared (`generation`), and charged to the rates again. Returns the new
+        decision (None: the prepared one stands; a Refuse: this execution is refused) and the
+        generation it belongs to."""
+        gone = self._current()
+        if gone is not None:
+            return gone, self.generation
+        decision: Decision | None = None
+        if generation != self.generation:
+            decision = self.judge_parse(sql, ())
+            if isinstance(decision, Refuse):
+                return decision, self.generation
+        if self.limiter is not None:
+            try:
+                facts = self.cache.analyze(sql, self.catalog, self.search_path)
+            except Exception:  # it was analysed at Parse; this is no rate question
+                return decision, self.generation
+            refused = self._charge(sql, list(facts), commit=True)
+            if refused is not None:
+                return refused, self.generation
+        return decision, self.generation
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return Refuse(

@@ -121,13 +121,6 @@ async def test_valid_change_reaches_new_sessions_without_dropping_open_ones(
     assert f"rules reloaded from {rules}" in proxy.stderr_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an open session keeps the rules snapshot of its start (RestrictedPolicy.rules, "
-    "proxy/server.py _setup -> Proxy.restricted_policy); issue 3 says a reload swaps the new "
-    "rules in 'atomically for new statements', so the next statement of an open session should "
-    "be judged by them",
-)
 async def test_valid_change_applies_to_the_next_statement_of_an_open_session(
     start_topeng: StartTopeng, tmp_path: Path, raw_nik: str
 ) -> None:

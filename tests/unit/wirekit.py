@@ -329,8 +329,10 @@ class MarkerPolicy:
         self.judged.append(sql)
         return self._decide(sql)
 
-    def judge_execute(self, sql: str) -> Refuse | None:
-        return MARKER_REFUSAL if EXECUTE_REFUSE_MARKER in sql else None
+    generation = 0
+
+    def judge_execute(self, sql: str, generation: int) -> tuple[Decision | None, int]:
+        return (MARKER_REFUSAL if EXECUTE_REFUSE_MARKER in sql else None), 0
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         if call.function_oid == 666:
