@@ -319,6 +319,8 @@ class Connection:
             self.proxy.audit.session_start(self.context)
         to_server = session.begin(policy=policy)
         self._flush(to_server)
+        if session.mode == "fast":
+            self._install_fast_path()
 
     def _refuse_session(self, refusal: Refuse) -> None:
         self.client.write(
@@ -439,9 +441,7 @@ class Connection:
         try:
             out = session.from_client(data)
         except ProtocolViolation as exc:
-            log.info("client %s: protocol violation: %s", self.peer, exc)
-            self._fatal(PROTOCOL_VIOLATION, f"topeng: protocol violation: {exc}")
-            self._end("protocol_error")
+            self._client_broke_protocol(exc)
             return
         if out:
             self.upstream.write(out)
@@ -472,10 +472,7 @@ class Connection:
             self._end("refused")
             return
         except ProtocolViolation as exc:
-            metrics.UPSTREAM_ERRORS.labels("protocol").inc()
-            log.warning("client %s: the server broke the protocol: %s", self.peer, exc)
-            self._fatal(PROTOCOL_VIOLATION, f"topeng: the server broke the protocol: {exc}")
-            self._end("upstream_protocol_error")
+            self._server_broke_protocol(exc)
             return
         if out:
             self.client.write(out)
@@ -493,6 +490,55 @@ class Connection:
         auth = self._authenticated
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
+
+    def _client_broke_protocol(self, exc: ProtocolViolation) -> None:
+        log.info("client %s: protocol violation: %s", self.peer, exc)
+        self._fatal(PROTOCOL_VIOLATION, f"topeng: protocol violation: {exc}")
+        self._end("protocol_error")
+
+    def _server_broke_protocol(self, exc: ProtocolViolation) -> None:
+        metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+        log.warning("client %s: the server broke the protocol: %s", self.peer, exc)
+        self._fatal(PROTOCOL_VIOLATION, f"topeng: the server broke the protocol: {exc}")
+        self._end("upstream_protocol_error")
+
+    def _install_fast_path(self) -> None:
+        """An unrestricted session: from now on each chunk is counted, its message headers
+        walked, and forwarded as it came, with as little Python in between as possible."""
+        session, client, upstream = self.session, self.client, self.upstream
+        assert session is not None and upstream is not None
+        client_write = upstream.transport.write if upstream.transport else upstream.write
+        server_write = client.transport.write if client.transport else client.write
+        feed_client, feed_server = session.fast_client, session.fast_server
+        monotonic = time.monotonic
+        track_activity = self.config.idle_timeout > 0
+        catalogs, database = self.proxy.catalogs, session.database
+
+        def on_client(data: bytes) -> None:
+            if track_activity:
+                self.last_activity = monotonic()
+            try:
+                feed_client(data)
+            except ProtocolViolation as exc:
+                self._client_broke_protocol(exc)
+                return
+            if not upstream.closed:
+                client_write(data)
+
+        def on_server(data: bytes) -> None:
+            try:
+                feed_server(data)
+            except ProtocolViolation as exc:
+                self._server_broke_protocol(exc)
+                return
+            if not client.closed:
+                server_write(data)
+            if session.schema_changed:
+                session.schema_changed = False
+                catalogs.mark_stale(database)
+
+        client.on_data = on_client
+        upstream.on_data = on_server
 
     def check_statement_timeout(self, timeout: float) -> None:
         """Cancel the running statement if it has run longer than the role allows."""

@@ -62,6 +62,9 @@ COPY_IN, COPY_OUT, COPY_BOTH, FUNC_RESULT, NEGOTIATE = (ord(c) for c in "GHWVv")
 POISON_SQL = "TOPENG_REFUSED"
 POISON_NAME = "topeng_refused\x01"  # no client can have created a statement of this name
 
+# Extended-protocol messages: a batch of them is open until a Sync.
+BATCH_TYPES = frozenset((P, B, DESC, E, CLOSE, H))
+
 # PostgreSQL client_encoding names and the Python codecs that read them.
 PG_CODECS = {
     "UTF8": "utf-8",
@@ -352,14 +355,14 @@ class Session:
         self.authenticated = False
         self.mode = "fast"
         self.policy: StatementPolicy | None = None
-        self.transaction_status = "I"
+        self._tx_status = "I"
         self.parameters: dict[str, str] = {}
         self.backend_key: m.BackendKeyData | None = None
         self.auth_error: m.ErrorFields | None = None
-        self.terminated = False  # the client sent Terminate
-        self.schema_changed = False  # a DDL command completed since last looked
+        self._terminated = False  # the client sent Terminate
+        self._schema_changed = False  # a DDL command completed since last looked
         self.server_said_goodbye = False  # the server sent a FATAL error: it is closing
-        self.counters = Counters()
+        self._counters = Counters()
         self.client_limits = client_limits
         self.server_limits = server_limits
         self._client = MessageReader(client_limits)
@@ -375,10 +378,8 @@ class Session:
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
         self._copy_in = False
-        self._outstanding = 0  # fast mode: Query/Sync/FunctionCall sent minus ReadyForQuery seen
-        self._fast_seen_queries = 0
-        self._fast_last_execute = False  # fast mode: the last query-ish message was Execute
-        self._in_batch = False  # extended-protocol messages sent since the last Sync
+        self._ignored_syncs = 0  # fast mode: Syncs the server ignored inside COPY FROM STDIN
+        self._in_batch = False  # tracked mode: extended-protocol messages sent since the Sync
         self._skipping = False  # the server discards messages until the client's next Sync
         self._copy_markers = 0  # COPY_END markers in the queue
         self.on_internal_done: Callable[[InternalResult], None] | None = None
@@ -410,16 +411,68 @@ class Session:
     # ------------------------------------------------------------------ state
 
     @property
+    def transaction_status(self) -> str:
+        """'I' idle, 'T' in a transaction, 'E' in a failed one: from the last ReadyForQuery."""
+        scan = self._server_scan
+        if scan is not None and scan.last_status >= 0:
+            return chr(scan.last_status)
+        return self._tx_status
+
+    @transaction_status.setter
+    def transaction_status(self, status: str) -> None:
+        self._tx_status = status
+
+    @property
+    def schema_changed(self) -> bool:
+        """A DDL command completed since this was last reset."""
+        scan = self._server_scan
+        return self._schema_changed or (scan is not None and scan.tag_seen)
+
+    @schema_changed.setter
+    def schema_changed(self, changed: bool) -> None:
+        self._schema_changed = changed
+        if self._server_scan is not None:
+            self._server_scan.tag_seen = changed
+
+    def _fast_outstanding(self) -> int:
+        """Fast mode: Query, Sync and FunctionCall messages sent that await ReadyForQuery."""
+        client, server = self._client_scan, self._server_scan
+        assert client is not None and server is not None
+        c = client.counts
+        return c[Q] + c[S] + c[F] - server.counts[READY] - self._ignored_syncs
+
+    def _batch_open(self) -> bool:
+        """Extended-protocol messages were sent that no Sync has closed yet."""
+        if self.mode == "fast":
+            return self._client_scan is not None and self._client_scan.last_type in BATCH_TYPES
+        return self._in_batch
+
+    @property
+    def counters(self) -> Counters:
+        """What the session did so far (fast mode counts by message type, read here)."""
+        client, server = self._client_scan, self._server_scan
+        if self.mode == "fast" and client is not None and server is not None:
+            self._counters.queries = client.counts[Q] + client.counts[E]
+            self._counters.rows = server.counts[DATA_ROW]
+        return self._counters
+
+    @property
+    def terminated(self) -> bool:
+        """The client sent Terminate."""
+        client = self._client_scan
+        return self._terminated or (client is not None and client.counts[X] > 0)
+
+    @property
     def idle(self) -> bool:
         """Nothing in flight and no transaction open: the session can be closed cleanly."""
         if self.phase is not Phase.READY or self._copy_in:
             return False
         if not _tx_is_idle(self.transaction_status):
             return False
-        if self._in_batch:
+        if self._batch_open():
             return False
         if self.mode == "fast":
-            return self._outstanding <= 0 and bool(
+            return self._fast_outstanding() <= 0 and bool(
                 self._client_scan
                 and self._client_scan.at_boundary()
                 and self._server_scan
@@ -432,14 +485,14 @@ class Session:
     def quiet(self) -> bool:
         """The server owes nothing and no transaction is open: the client is the one keeping
         the session (even half-way through sending a message). For idle timeouts."""
-        if self.phase is not Phase.READY or self._copy_in or self._in_batch:
+        if self.phase is not Phase.READY or self._copy_in or self._batch_open():
             return False
         if not _tx_is_idle(self.transaction_status):
             return False
         if self.mode == "fast":
             scan = self._server_scan
             client = self._client_scan
-            outstanding = self._outstanding
+            outstanding = self._fast_outstanding()
             if client is not None and client.partial_type in (Q, S, F):
                 outstanding -= 1  # counted, but the server has not all of it yet
             return outstanding <= 0 and bool(scan and scan.at_boundary())
@@ -449,7 +502,7 @@ class Session:
 
     def from_client(self, data: bytes) -> bytes:
         """Bytes from the client; returns the bytes to send to the server."""
-        self.counters.bytes_in += len(data)
+        self._counters.bytes_in += len(data)
         if self.phase is Phase.READY:
             if self.mode == "fast":
                 return self._fast_client(data)
@@ -469,7 +522,7 @@ class Session:
         while (msg := reader.next_raw()) is not None:
             mtype, _, raw = msg
             if mtype == X:
-                self.terminated = True
+                self._terminated = True
                 out.append(raw)
                 break
             if mtype != PASSWORD:
@@ -482,29 +535,25 @@ class Session:
     def _fast_client(self, data: bytes) -> bytes:
         scan = self._client_scan
         assert scan is not None
-        counts = scan.counts
-        before = counts[Q] + counts[S] + counts[F]
-        executes = counts[E]
-        extended = counts[P] + counts[B] + executes + counts[DESC] + counts[CLOSE]
-        scan.feed(data)
-        sent = counts[Q] + counts[S] + counts[F] - before
-        if sent:
-            self._outstanding += sent
-            self.counters.queries += counts[Q] + counts[E] - self._fast_seen_queries
-            self._fast_seen_queries = counts[Q] + counts[E]
-        if counts[E] != executes:
-            self._fast_last_execute = True
-        elif counts[Q] or counts[F]:
-            self._fast_last_execute = False
-        # A batch of extended-protocol messages is open until its Sync; a Sync is almost always
-        # the last message of a chunk, so look there rather than track every message.
-        if data[-5:] == m.SYNC and scan.at_boundary():
-            self._in_batch = False
-        elif counts[P] + counts[B] + counts[E] + counts[DESC] + counts[CLOSE] != extended:
-            self._in_batch = True
-        if counts[X]:
-            self.terminated = True
+        scan.feed(data)  # counts and limits; what they mean is worked out when asked
         return data
+
+    def fast_client(self, data: bytes) -> None:
+        """Fast mode's whole client path: count the bytes, walk the headers (the caller
+        forwards `data` itself). ProtocolViolation for a message past the limits."""
+        self._counters.bytes_in += len(data)
+        scan = self._client_scan
+        assert scan is not None
+        scan.feed(data)
+
+    def fast_server(self, data: bytes) -> None:
+        """Fast mode's whole server path (the caller forwards `data` itself)."""
+        self._counters.bytes_out += len(data)
+        scan = self._server_scan
+        assert scan is not None
+        watched = scan.feed(data)
+        if watched is not None:
+            self._fast_watched(watched)
 
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client
@@ -554,7 +603,7 @@ class Session:
             elif mtype == F:
                 self._client_function_call(m.FunctionCall.decode(body), raw)
             elif mtype == X:
-                self.terminated = True
+                self._terminated = True
                 out.append(bytes(raw))
                 break
             elif mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
@@ -571,11 +620,11 @@ class Session:
 
     def _client_query(self, query: m.Query, raw: memoryview) -> None:
         assert self.policy is not None
-        self.counters.queries += 1
+        self._counters.queries += 1
         verdict = self.policy.judge_query(query.sql)
         record = StatementRecord(query.sql, "allowed", self.clock())
         if isinstance(verdict, Refuse):
-            self.counters.refused += 1
+            self._counters.refused += 1
             record.refused(verdict)
             self._queue.append(Pending(Kind.SIMPLE, refusal=verdict, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
@@ -597,24 +646,24 @@ class Session:
                     reason="unsupported",
                 )
             )
-            self.counters.refused += 1
+            self._counters.refused += 1
             record.refused(refusal)
             self._queue.append(Pending(Kind.SIMPLE, refusal=refusal, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
             return
         if any(isinstance(d, Mask) for d in verdict):
-            self.counters.masked += 1
+            self._counters.masked += 1
         record.decision, record.labels = _summary(verdict)
         self._queue.append(Pending(Kind.SIMPLE, decisions=verdict, record=record))
         self._to_server.append(bytes(raw))
 
     def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
         assert self.policy is not None
-        self.counters.queries += 1
+        self._counters.queries += 1
         decision = self.policy.judge_parse(parse.sql, parse.param_types)
         existing = self._statements.get(parse.name) if parse.name else None
         if isinstance(decision, Refuse):
-            self.counters.refused += 1
+            self._counters.refused += 1
             record = StatementRecord(parse.sql, "refused", self.clock())
             record.refused(decision)
             # The server will reject the poison; a statement of this name is not created.
@@ -622,7 +671,7 @@ class Session:
             self._to_server.append(m.Parse(parse.name, POISON_SQL, ()).encode())
             return
         if isinstance(decision, Mask):
-            self.counters.masked += 1
+            self._counters.masked += 1
         pending = Pending(Kind.PARSE)
         if existing is None or existing.closing:
             # A named statement that exists already makes the server fail this Parse, and the
@@ -673,7 +722,7 @@ class Session:
             if refusal is not None:
                 # Executing a portal that cannot exist fails on the server like any error
                 # would, and its error is replaced by the refusal.
-                self.counters.refused += 1
+                self._counters.refused += 1
                 record = StatementRecord(portal.statement.sql, "refused", self.clock())
                 record.refused(refusal)
                 self._queue.append(Pending(Kind.EXECUTE, refusal=refusal, record=record))
@@ -719,7 +768,7 @@ class Session:
         decision = self.policy.judge_function_call(call)
         record = StatementRecord(f"<FunctionCall {call.function_oid}>", "allowed", self.clock())
         if isinstance(decision, Refuse):
-            self.counters.refused += 1
+            self._counters.refused += 1
             record.refused(decision)
             self._queue.append(Pending(Kind.FUNCTION, refusal=decision, record=record))
             self._to_server.append(m.FunctionCall(0).encode())
@@ -787,7 +836,7 @@ class Session:
 
     def from_server(self, data: bytes) -> bytes:
         """Bytes from the server; returns the bytes to send to the client."""
-        self.counters.bytes_out += len(data)
+        self._counters.bytes_out += len(data)
         if self.phase is Phase.READY:
             if self.mode == "fast":
                 return self._fast_server(data)
@@ -863,7 +912,11 @@ class Session:
         if self.mode == "fast":
             self._client_scan = MessageScanner(self.client_limits, frozenset())
             self._server_scan = MessageScanner(
-                self.server_limits, frozenset((READY, CMD_COMPLETE, COPY_IN, ERROR))
+                self.server_limits,
+                frozenset((COPY_IN, ERROR)),
+                status_type=READY,
+                tag_type=CMD_COMPLETE,
+                tag_prefixes=DDL_TAGS,
             )
             # Bytes already framed but not yet read stay in the tracked readers: hand them on.
             rest = self._server.take_rest()
@@ -874,7 +927,7 @@ class Session:
             self._held_ready = None
         held = b"".join(self._held_client)
         self._held_client.clear()
-        self.counters.bytes_in -= len(held)  # counted when it arrived
+        self._counters.bytes_in -= len(held)  # counted when it arrived
         if self.mode == "fast":
             rest = self._client.take_rest()
             return self.from_client(rest + held) if rest or held else b""
@@ -884,23 +937,30 @@ class Session:
         scan = self._server_scan
         assert scan is not None
         watched = scan.feed(data)
-        self.counters.rows = scan.counts[DATA_ROW]
-        if watched is None:
-            return data
+        if watched is not None:
+            self._fast_watched(watched)
+        return data
+
+    def _fast_watched(self, watched: list[tuple[int, bytes]]) -> None:
+        """The few server messages the fast path reads: errors (is the server closing?),
+        COPY IN, and a ReadyForQuery or CommandComplete that was split across chunks."""
+        scan = self._server_scan
+        assert scan is not None
         for mtype, body in watched:
             if mtype == READY:
-                self._outstanding -= 1
-                self.transaction_status = chr(body[0]) if body else "I"
+                scan.last_status = body[0] if body else ord("I")
+            elif mtype == CMD_COMPLETE:
+                if body.startswith(DDL_TAGS):
+                    scan.tag_seen = True
             elif mtype == ERROR:
                 self._note_fatal(m.ErrorFields.decode(body))
             elif mtype == COPY_IN:
-                # The server ignores a Sync sent with an extended-protocol COPY FROM STDIN;
-                # the client sends another after CopyDone.
-                if self._fast_last_execute and self._outstanding >= 1:
-                    self._outstanding -= 1
-            elif body.startswith(DDL_TAGS):
-                self.schema_changed = True
-        return data
+                # The server ignores a Sync the client sent with an extended-protocol COPY FROM
+                # STDIN (libpq sends Parse/Bind/Describe/Execute/Sync, then the data, then
+                # CopyDone and another Sync).
+                client = self._client_scan
+                if client is not None and client.last_type == S and self._fast_outstanding() >= 1:
+                    self._ignored_syncs += 1
 
     def _note_fatal(self, error: m.ErrorFields) -> None:
         if error.severity in ("FATAL", "PANIC"):
@@ -997,7 +1057,7 @@ class Session:
                 self._abort_result(result, limit.refusal or self._row_limit_refusal(limit))
             return
         result.rows = rows
-        self.counters.rows += 1
+        self._counters.rows += 1
         if head.record is not None:
             head.record.rows += 1
         if result.rewriter is None:
@@ -1019,7 +1079,7 @@ class Session:
         """Stop forwarding this result; cancel the statement; its end becomes the refusal."""
         result.aborted = refusal
         self.cancel_requested = True
-        self.counters.refused += 1
+        self._counters.refused += 1
 
     def _internal_reply(self, head: Pending, mtype: int, body: memoryview) -> None:
         result = head.internal
@@ -1346,7 +1406,7 @@ class Session:
                 self._abort_result(result, limit.refusal or self._row_limit_refusal(limit))
             return b""
         result.rows = rows
-        self.counters.rows += 1
+        self._counters.rows += 1
         if head.record is not None:
             head.record.rows += 1
         if result.copy is None:

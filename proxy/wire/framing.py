@@ -227,6 +227,12 @@ class MessageScanner:
 
     This is the hot loop of every unrestricted session, so it is written flat: one unpack and
     a few comparisons per message, no calls unless a limit is broken.
+
+    Two message types can be followed without copying their bodies: `status_type` (the last
+    status byte of a ReadyForQuery is kept in `last_status`) and `tag_type` (`tag_seen` is set
+    when a CommandComplete tag starts with one of `tag_prefixes`). They are handed out like
+    watched messages only when split across chunks. `last_type` is the type of the last message
+    whose header has arrived.
     """
 
     __slots__ = (
@@ -234,6 +240,12 @@ class MessageScanner:
         "watch",
         "counts",
         "partial_type",
+        "last_type",
+        "status_type",
+        "last_status",
+        "tag_type",
+        "tag_prefixes",
+        "tag_seen",
         "_skip",
         "_head",
         "_body_type",
@@ -241,9 +253,23 @@ class MessageScanner:
         "_need",
     )
 
-    def __init__(self, limits: Limits, watch: frozenset[int]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        watch: frozenset[int],
+        *,
+        status_type: int = -1,
+        tag_type: int = -1,
+        tag_prefixes: tuple[bytes, ...] = (),
+    ) -> None:
         self.limits = limits
-        self.watch = watch
+        self.status_type = status_type
+        self.tag_type = tag_type
+        self.tag_prefixes = tag_prefixes
+        self.watch = watch | {t for t in (status_type, tag_type) if t >= 0}
+        self.last_type = -1
+        self.last_status = -1
+        self.tag_seen = False
         self.counts = [0] * 256
         # The type of a message counted (its header arrived) whose body has not all arrived.
         self.partial_type = -1
@@ -254,6 +280,8 @@ class MessageScanner:
         self._need = 0  # bytes of the watched body still missing
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]] | None:
+        if isinstance(data, memoryview):
+            data = data.tobytes()
         out: list[tuple[int, bytes]] | None = None
         n = len(data)
         pos = 0
@@ -294,7 +322,10 @@ class MessageScanner:
         big_limit = limits.max_message + 4
         counts = self.counts
         watch = self.watch
+        status_type = self.status_type
+        tag_type = self.tag_type
         unpack = TYPED_HEADER.unpack_from
+        mtype = -1
         while pos < n:
             if n - pos < 5:
                 self._head = bytes(data[pos:n])
@@ -310,9 +341,15 @@ class MessageScanner:
             end = pos + 1 + length
             if mtype in watch:
                 if end <= n:
-                    if out is None:
-                        out = []
-                    out.append((mtype, bytes(data[pos + 5 : end])))
+                    if mtype == status_type and length == 5:
+                        self.last_status = data[pos + 5]
+                    elif mtype == tag_type:
+                        if data.startswith(self.tag_prefixes, pos + 5):
+                            self.tag_seen = True
+                    else:
+                        if out is None:
+                            out = []
+                        out.append((mtype, bytes(data[pos + 5 : end])))
                 else:
                     self._body_type = mtype
                     self._body = bytearray(data[pos + 5 : n])
@@ -324,6 +361,8 @@ class MessageScanner:
                 self.partial_type = mtype
                 break
             pos = end
+        if mtype >= 0:
+            self.last_type = mtype
         return out
 
     def at_boundary(self) -> bool:
