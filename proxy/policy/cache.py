@@ -36,6 +36,7 @@ from pglast import parser as _pg
 
 from proxy.policy.analyze import StatementFacts, analyze
 from proxy.policy.catalog import Catalog
+from proxy.policy.decision import Decision
 
 __all__ = ["AnalysisCache"]
 
@@ -56,11 +57,38 @@ class AnalysisCache:
         self.misses = 0
         self._by_shape: OrderedDict[_Key, _Facts] = OrderedDict()
         self._by_text: OrderedDict[_Key, _Facts] = OrderedDict()
+        # Decisions by (facts, rules, role), each holding its facts and rules so that their
+        # ids stay theirs while the entry lives.
+        self._decisions: dict[
+            tuple[int, int, str], tuple[_Facts, object, tuple[tuple[StatementFacts, Decision], ...]]
+        ] = {}
+
+    def decided(
+        self, facts: _Facts, rules: object, role: str
+    ) -> tuple[tuple[StatementFacts, Decision], ...] | None:
+        """The decisions made earlier for these very facts under these very rules."""
+        found = self._decisions.get((id(facts), id(rules), role))
+        if found is None or found[0] is not facts or found[1] is not rules:
+            return None  # (an id can be reused once its object is gone: check identity)
+        return found[2]
+
+    def remember_decided(
+        self,
+        facts: _Facts,
+        rules: object,
+        role: str,
+        judged: tuple[tuple[StatementFacts, Decision], ...],
+    ) -> None:
+        decisions = self._decisions
+        if len(decisions) >= self.size:
+            decisions.pop(next(iter(decisions)))
+        decisions[(id(facts), id(rules), role)] = (facts, rules, judged)
 
     def __len__(self) -> int:
         return len(self._by_shape) + len(self._by_text)
 
     def clear(self) -> None:
+        self._decisions.clear()
         self._by_shape.clear()
         self._by_text.clear()
 

@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 SYNTAX_ERROR: Final = "42601"
+# Statements whose decision depends only on their facts, the rules and the role (not on the
+# session's prepared statements or cursors): their decisions can be kept with the facts.
+_DECIDED_ALIKE: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 _NO_DECISIONS: Final[Mapping[str, Decision]] = MappingProxyType({})
 
 ALLOWED_SETTINGS: Final = frozenset(
@@ -184,6 +187,10 @@ def judge_sql_with_facts(
             detail=exc.reason,
             hint="fix the syntax error; Topeng forwards only statements it can read",
         )
+    if cache is not None:
+        known = cache.decided(all_facts, rules, role.name)
+        if known is not None:
+            return known
     local_prepared = dict(prepared)
     local_cursors = dict(cursors)
     results: list[tuple[StatementFacts, Decision]] = []
@@ -199,7 +206,10 @@ def judge_sql_with_facts(
             return decision
         remember(facts, decision, local_prepared, local_cursors)
         results.append((facts, decision))
-    return tuple(results)
+    judged = tuple(results)
+    if cache is not None and all(f.kind in _DECIDED_ALIKE for f in all_facts):
+        cache.remember_decided(all_facts, rules, role.name, judged)
+    return judged
 
 
 def judge_sql(

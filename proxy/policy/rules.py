@@ -241,6 +241,10 @@ class Rules:
     labels_pos: Pos | None = None
     _role_index: Mapping[str, Role] = field(default_factory=lambda: MappingProxyType({}))
     _label_index: Mapping[str, Label] = field(default_factory=lambda: MappingProxyType({}))
+    # Memo of labels_for_column: the snapshot never changes, so neither do its answers.
+    _column_labels: dict[tuple[str, str, str], tuple[str, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def role(self, name: str) -> Role:
         """The role called `name`; KeyError if there is none."""
@@ -267,7 +271,14 @@ class Rules:
 
     def labels_for_column(self, schema: str, table: str, column: str) -> tuple[str, ...]:
         """Names of the labels whose globs match this column, in the order written."""
-        return tuple(lb.name for lb in self.labels if lb.matches(schema, table, column))
+        key = (schema, table, column)
+        found = self._column_labels.get(key)
+        if found is None:
+            if len(self._column_labels) > 100_000:  # a schema of that size: keep it bounded
+                self._column_labels.clear()
+            found = tuple(lb.name for lb in self.labels if lb.matches(schema, table, column))
+            self._column_labels[key] = found
+        return found
 
 
 # --------------------------------------------------------------------------------------------
