@@ -684,11 +684,9 @@ class Connection:
         masker = self._masker
         if masker is None or not self.role:
             return
-        counts = masker.masked_counts
-        for label, count in counts.items():
+        for label, count in masker.take_masked_counts().items():
             if count:
                 metrics.MASKED_VALUES.labels(self.role, label).inc(count)
-                counts[label] = 0
 
     def flush_metrics(self) -> None:
         """Add what the session counted since the last flush to the Prometheus metrics."""

@@ -928,77 +928,96 @@ class RowMasker:
     Strategy: one pass over the length words. Unmasked fields are never copied on their own:
     the bytes between two masked fields (length words included) go out as one memoryview slice,
     and the new message is a single `b"".join` with the header computed from the size delta.
-    `masked_counts` (label -> number of non-NULL values masked) is for the caller to read and
-    reset; NULLs are not counted because nothing was hidden.
+    The loop counts only rows and NULLs; `masked_counts` (label -> non-NULL values masked) is
+    worked out from them when read, and `take_masked_counts()` reads and resets it.
     """
 
-    __slots__ = ("_plan", "_columns", "_last", "masked_counts")
+    __slots__ = ("_head", "_columns", "_labels", "_rows", "_nulls")
 
     def __init__(self, maskers: Mapping[int, tuple[FieldMasker, str]], columns: int) -> None:
         for index in maskers:
             if not 0 <= index < columns:
                 raise ValueError(f"masked column {index} is outside 0..{columns - 1}")
         self._columns = columns
-        self._plan: tuple[tuple[FieldMasker, str] | None, ...] = tuple(
-            maskers.get(i) for i in range(columns)
+        last = max(maskers, default=-1)
+        # The maskers of the columns up to the last masked one (None: passes untouched).
+        self._head: tuple[FieldMasker | None, ...] = tuple(
+            maskers[i][0] if i in maskers else None for i in range(last + 1)
         )
-        self._last = max(maskers, default=-1)
-        self.masked_counts: dict[str, int] = {label: 0 for _, label in maskers.values()}
+        self._labels = {i: label for i, (_, label) in maskers.items()}
+        self._rows = 0
+        self._nulls = [0] * (last + 1)
 
     @property
     def columns(self) -> int:
         return self._columns
+
+    @property
+    def masked_counts(self) -> dict[str, int]:
+        """Label -> non-NULL values masked since the last take."""
+        counts: dict[str, int] = {}
+        for i, label in self._labels.items():
+            counts[label] = counts.get(label, 0) + self._rows - self._nulls[i]
+        return counts
+
+    def take_masked_counts(self) -> dict[str, int]:
+        counts = self.masked_counts
+        self._rows = 0
+        self._nulls = [0] * len(self._nulls)
+        return counts
 
     def __call__(self, body: memoryview) -> bytes:
         """The whole new DataRow message (type byte, length, body) for a DataRow body."""
         end = len(body)
         if end < 2:
             raise ProtocolViolation("DataRow: message too short")
-        (n,) = _I16.unpack_from(body, 0)
-        if n != self._columns:
+        if (body[0] << 8 | body[1]) != self._columns:
             raise ProtocolViolation(
-                f"DataRow has {n} fields where RowDescription announced {self._columns}"
+                f"DataRow has {body[0] << 8 | body[1]} fields where RowDescription announced "
+                f"{self._columns}"
             )
         unpack = _I32.unpack_from
-        plan = self._plan
-        counts = self.masked_counts
+        pack = _I32.pack
         parts: list[bytes | memoryview] = [b""]
+        append = parts.append
         pos = 2
         run = 0  # start of the current run of untouched bytes
         delta = 0
+        index = 0
         # Fields after the last masked one go out as one slice, unparsed (the framing layer
         # has checked the message length; the client parses them as the server sent them).
-        for i in range(self._last + 1):
+        for masker in self._head:
             if pos + 4 > end:
                 raise ProtocolViolation("DataRow: message too short")
             (size,) = unpack(body, pos)
             if size < 0:
                 if size != -1:
                     raise ProtocolViolation("DataRow: invalid field length")
+                if masker is not None:
+                    self._nulls[index] += 1
                 pos += 4
+                index += 1
                 continue
             nxt = pos + 4 + size
             if nxt > end:
                 raise ProtocolViolation("DataRow: invalid field length")
-            entry = plan[i]
-            if entry is not None:
-                new = entry[0](body[pos + 4 : nxt])
+            if masker is not None:
+                new = masker(body[pos + 4 : nxt])
                 if run < pos:
-                    parts.append(body[run:pos])
+                    append(body[run:pos])
                 if new is None:
-                    parts.append(_NULL_LEN)
+                    append(_NULL_LEN)
                     delta -= size
                 else:
-                    parts.append(_I32.pack(len(new)))
-                    parts.append(new)
+                    append(pack(len(new)))
+                    append(new)
                     delta += len(new) - size
-                counts[entry[1]] += 1
                 run = nxt
             pos = nxt
-        if pos > end:
-            raise ProtocolViolation("DataRow: invalid field length")
+            index += 1
+        self._rows += 1
         if run < end:
-            parts.append(body[run:end])
+            append(body[run:end])
         parts[0] = _HEAD.pack(b"D", end + delta + 4)
         return b"".join(parts)
 
