@@ -609,6 +609,9 @@ class Connection:
 
     def _on_server_lost(self, exc: Exception | None) -> None:
         session = self.session
+        if session is not None and session.terminated:
+            self._end("ok")  # the client said goodbye; the server closing is the answer
+            return
         if session is not None and session.server_said_goodbye:
             # The server told the client why it is closing (a wrong password, a shutdown);
             # nothing to add.

@@ -20,7 +20,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
 
 from proxy.embedded import Cluster, find_bin_dir, free_port
 from proxy.sampledata import load_sample_sync
@@ -363,3 +366,11 @@ def start_topeng(
             f"within {timeout:.0f} s\n$ {' '.join(args)}\n--- output ---\n{topeng.stderr_text()}"
         )
     return topeng
+
+
+def needs_tool(reason: str) -> NoReturn:
+    """A test that needs a program this machine lacks: skipped on a laptop, failed on CI (where
+    .ci/run installs everything, so a missing tool is a broken install step)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {reason}")
+    pytest.skip(reason)

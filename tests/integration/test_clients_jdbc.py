@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import rawpg
-from harness import REPO_ROOT, TEST_CUSTOMERS, TEST_USERS, PgServer, TopengProcess
+from harness import REPO_ROOT, TEST_CUSTOMERS, TEST_USERS, PgServer, TopengProcess, needs_tool
 
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")
 SOURCE = REPO_ROOT / "tests" / "java" / "JdbcClient.java"
@@ -23,7 +23,7 @@ SOURCE = REPO_ROOT / "tests" / "java" / "JdbcClient.java"
 def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     javac = shutil.which("javac")
     if javac is None or shutil.which("java") is None or not JDBC_JAR.is_file():
-        pytest.skip("needs java, javac and libpostgresql-jdbc-java (.ci/run installs them)")
+        needs_tool("needs java, javac and libpostgresql-jdbc-java (.ci/run installs them)")
     out = tmp_path_factory.mktemp("java")
     subprocess.run(
         [javac, "-cp", str(JDBC_JAR), "-d", str(out), str(SOURCE)],

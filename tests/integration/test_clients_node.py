@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import rawpg
-from harness import REPO_ROOT, TEST_CUSTOMERS, TEST_USERS, PgServer, TopengProcess
+from harness import REPO_ROOT, TEST_CUSTOMERS, TEST_USERS, PgServer, TopengProcess, needs_tool
 
 NODE_DIR = REPO_ROOT / "tests" / "node"
 
@@ -25,11 +25,11 @@ NODE_DIR = REPO_ROOT / "tests" / "node"
 def node() -> Path:
     binary = shutil.which("node")
     if binary is None:
-        pytest.skip("node is not installed (.ci/run installs it)")
+        needs_tool("node is not installed (.ci/run installs it)")
     if not (NODE_DIR / "node_modules" / "pg").is_dir():
         npm = shutil.which("npm")
         if npm is None:
-            pytest.skip("npm is not installed (.ci/run installs it)")
+            needs_tool("npm is not installed (.ci/run installs it)")
         subprocess.run(
             [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=NODE_DIR, check=True, timeout=300,

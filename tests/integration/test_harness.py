@@ -193,7 +193,6 @@ def test_cluster_stop_cleans_up() -> None:
 
 def test_topeng_fixture(start_topeng: object, pg: PgServer) -> None:
     """End to end through the proxy, once `python -m proxy serve` exists."""
-    pytest.importorskip("proxy.server")
     from harness import BANK_RULES, TopengProcess
 
     assert callable(start_topeng)

@@ -7,8 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-from harness import PgServer, TopengProcess
+from harness import PgServer, TopengProcess, needs_tool
 
 from proxy.sampledata import DEMO_USERS
 
@@ -17,7 +16,7 @@ def pg_dump(
     pg: PgServer, proxy: TopengProcess, user: str, out: Path
 ) -> subprocess.CompletedProcess[str]:
     if pg.bin_dir is None or not (pg.bin_dir / "pg_dump").is_file():
-        pytest.skip("pg_dump not found next to the test server")
+        needs_tool("pg_dump not found next to the test server")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PGPASSWORD"] = DEMO_USERS[user]
     env["PGSSLMODE"] = "disable"

@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from harness import BANK_RULES, REPO_ROOT, TopengProcess, free_port, wait_for_port
+from harness import BANK_RULES, REPO_ROOT, TopengProcess, free_port, needs_tool, wait_for_port
 
 from proxy.sampledata import DEMO_USERS
 
@@ -43,10 +43,10 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "topeng-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 
-pytestmark = pytest.mark.skipif(
-    PROMTOOL is None or PROMETHEUS is None,
-    reason="needs Debian's prometheus package (promtool and prometheus); .ci/run installs it",
-)
+@pytest.fixture(autouse=True)
+def _prometheus_installed() -> None:
+    if PROMTOOL is None or PROMETHEUS is None:
+        needs_tool("needs Debian's prometheus package (promtool and prometheus)")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:

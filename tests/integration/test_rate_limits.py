@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import StartTopeng
-from harness import TopengProcess, free_port
+from harness import TopengProcess, free_port, needs_tool
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS
@@ -212,7 +212,7 @@ class Redis:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Redis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        needs_tool("redis-server is not installed (apt-get install redis-server)")
     server = Redis(free_port(), tmp_path)
     server.start()
     try:
