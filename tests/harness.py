@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -374,3 +374,7 @@ def needs_tool(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"CI: {reason}")
     pytest.skip(reason)
+
+
+#: The `start_topeng` fixture: start a Topeng in front of the test server.
+StartTopeng = Callable[..., "TopengProcess"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import StartTopeng
-from harness import TopengProcess
+from harness import StartTopeng, TopengProcess
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import StartTopeng
-from harness import TopengProcess, free_port, needs_tool
+from harness import StartTopeng, TopengProcess, free_port, needs_tool
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS

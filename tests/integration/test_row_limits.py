@@ -14,8 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import StartTopeng
-from harness import PgServer, TopengProcess
+from harness import PgServer, StartTopeng, TopengProcess
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS
