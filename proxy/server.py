@@ -602,6 +602,9 @@ class Connection:
 
     def _on_client_lost(self, exc: Exception | None) -> None:
         session = self.session
+        if session is not None and session.terminated:
+            self._end("ok")  # it said goodbye (Terminate) before it closed
+            return
         if session is not None and session.phase is Phase.READY and not session.idle:
             # The client vanished with a statement running: stop it on the server.
             self._cancel_running()

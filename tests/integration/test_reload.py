@@ -2,9 +2,9 @@
 
 What the code does (proxy/policy/store.py, proxy/server.py, proxy/policy/engine.py): the
 RulesStore polls the files every 2 s (mtime and size) and reloads on SIGHUP; new rules replace
-the old ones whole, and only if they validate. A session takes the rules snapshot current when
-it starts (RestrictedPolicy.rules): new sessions get new rules, open sessions keep theirs. The
-issue asks for new rules "for new statements", so the open-session case is an xfail below.
+the old ones whole, and only if they validate. New sessions get the new rules, and an open
+session's next statement is judged by them too (RestrictedPolicy follows the store; a prepared
+statement is judged again at its next Execute).
 
 Observed through Topeng: agent_citra's NIK shows 6 digits with the shipped rules and 2 after
 the change `keep_first: 6` -> `keep_first: 2`.
