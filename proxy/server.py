@@ -875,6 +875,10 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         reuse = self.config.workers > 1
+        # Metrics and health first: once clients are accepted, /readyz and /metrics answer.
+        if self.config.metrics_listen is not None:
+            ma = self.config.metrics_listen
+            self.http = await start_http(ma.host, ma.port, self.ready, reuse_port=reuse)
         for addr in self.config.listen:
             if addr.path:
                 server = await loop.create_unix_server(lambda: _ClientPipe(self), addr.path)
@@ -887,9 +891,6 @@ class Proxy:
                     backlog=4096,
                 )
             self.servers.append(server)
-        if self.config.metrics_listen is not None:
-            ma = self.config.metrics_listen
-            self.http = await start_http(ma.host, ma.port, self.ready, reuse_port=reuse)
         self._sweeper = spawn(self._sweep(), name="topeng-sweeper")
 
     @property

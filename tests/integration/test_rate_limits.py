@@ -247,19 +247,32 @@ def test_two_topeng_processes_share_limits_through_redis(
         for i in range(6):
             lookup(a, f"32730101010{i:05d}")
         assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 6)
-        lookup(b, "3273010101000006")  # Topeng two sees the other's 6 only after a sync:
-        assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 7)
-        time.sleep(0.5)  # (not a timing assertion: lets two's sync read back the total)
-        for i in range(7, 10):
-            lookup(b, f"32730101010{i:05d}")
-        with pytest.raises(errors.ConfigurationLimitExceeded) as info:
-            lookup(b, "3273010101000010")
-        assert_retry_info(info.value, "max_lookups_per_minute")
-        assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 10)
-        time.sleep(0.5)
-        with pytest.raises(errors.ConfigurationLimitExceeded):
-            lookup(a, "3273010101000011")
+        # The limit is 10 a minute: Topeng two, having learnt one's 6 at a sync (every 200
+        # ms), allows 4 more. On a busy machine its sync may lag a lookup or two, never more;
+        # alone it would have allowed all 10.
+        passed, refusal = lookups_until_refused(b, start=6)
+        assert 4 <= passed <= 6
+        assert_retry_info(refusal, "max_lookups_per_minute")
+        # and Topeng one now knows two's lookups too
+        again, _ = lookups_until_refused(a, start=20)
+        assert again <= 2
     assert metric(one, "topeng_limits_backend_up") == 1.0
+
+
+def lookups_until_refused(
+    conn: psycopg.Connection[tuple[object, ...]], start: int
+) -> tuple[int, psycopg.Error]:
+    """Lookups that still succeed before the first 53400, and that refusal (fails if none)."""
+    deadline = time.monotonic() + 15
+    passed = 0
+    while time.monotonic() < deadline:
+        try:
+            lookup(conn, f"32730101010{start + passed:05d}")
+        except errors.ConfigurationLimitExceeded as exc:
+            return passed, exc
+        passed += 1
+        time.sleep(0.25)
+    pytest.fail(f"still not limited after {passed} more lookups")
 
 
 def test_limits_apply_locally_when_redis_stops(launch: Starter, redis_server: Redis) -> None:
