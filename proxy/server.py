@@ -285,10 +285,7 @@ class Connection:
         if store.needs_membership(rules, session.user):
             result = await self._internal(MEMBERSHIP_SQL)
             if result.error is not None:
-                self._fatal(
-                    "XX000", f"topeng: could not look up role membership: {result.error.message}"
-                )
-                raise SessionEnded("setup_error")
+                raise self._setup_failed("look up role membership", result.error)
             memberships = frozenset(r[0] for r in result.rows if r[0] is not None)
         match = store.resolve(rules, session.user, memberships)
         self.role = match.role.name

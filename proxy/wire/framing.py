@@ -171,24 +171,8 @@ class MessageReader(_Buffer):
         self.limits = limits
 
     def next_message(self) -> tuple[int, memoryview] | None:
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < 5:
-            if not self._fill(5):
-                return None
-            buf = self._buf
-            pos = self._pos
-        mtype, length = TYPED_HEADER.unpack_from(buf, pos)
-        self.limits.check(mtype, length)
-        end = pos + 1 + length
-        if end > len(buf):
-            if not self._fill(1 + length):
-                return None
-            buf = self._buf
-            pos = self._pos
-            end = pos + 1 + length
-        self._pos = end
-        return mtype, memoryview(buf)[pos + 5 : end]
+        msg = self.next_raw()
+        return None if msg is None else (msg[0], msg[1])
 
     def next_raw(self) -> tuple[int, memoryview, memoryview] | None:
         """Like next_message, also returning the whole message (header included)."""
