@@ -457,15 +457,7 @@ class Connection:
             refusal = exc.refusal
             log.info("client %s: session ended: %s", self.peer, refusal.message)
             self.client.write(session.take_to_client())
-            self.client.write(
-                m.error_response(
-                    refusal.sqlstate,
-                    refusal.message,
-                    severity="FATAL",
-                    detail=refusal.detail,
-                    hint=refusal.hint,
-                )
-            )
+            self._refuse_session(refusal)
             self._end("refused")
             return
         except ProtocolViolation as exc:
