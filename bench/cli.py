@@ -61,6 +61,7 @@ from bench.services import (
     start_topeng,
     write_rules,
 )
+from proxy.policy import fastmask
 
 CUSTOMERS = 100_000
 MAX_CONNECTIONS = 1200
@@ -131,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
         help="idle client connections for the memory measure (default 1000; 0 skips it)",
     )  # fmt: skip
     parser.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="Topeng worker processes (topeng serve --workers; default 1); its CPU per "
+        "transaction counts all of them",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", metavar="DIR",
         help="after the rounds, run each workload once more through Topeng under py-spy and "
         "write raw profiles (flamegraph input) to DIR; these runs are not measured",
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         shared_buffers = server_setting(pg, "shared_buffers")
         rules = write_rules(workdir)
         bouncer = start_pgbouncer(bouncer_bin, pg, users, workdir, stack)
-        topeng = start_topeng(pg, rules, workdir, stack)
+        topeng = start_topeng(pg, rules, workdir, stack, "--workers", str(args.workers))
         log(f"PostgreSQL :{pg.port}, pgbouncer :{bouncer.port}, Topeng :{topeng.port}")
         targets = (
             Target("direct", pg.port),
@@ -233,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
             ("Python", machine.python_version()),
             (
                 "Topeng",
-                "python -m proxy serve: 1 worker, --metrics-listen off, --log-level warning",
+                f"python -m proxy serve: {args.workers} worker(s), --metrics-listen off, "
+                f"--log-level warning; masking loop in {'C' if fastmask.AVAILABLE else 'Python'}",
             ),
             ("Topeng commit", machine.git_commit(REPO_ROOT)),
             (

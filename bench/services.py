@@ -474,18 +474,8 @@ def start_topeng(
     )
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time `pid` has used so far; None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid: int) -> int:
-    """VmRSS of `pid` and all its descendants, in kB (a --workers parent has children)."""
+def _family(pid: int) -> list[int]:
+    """`pid` and all its descendants (a --workers parent has children)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -496,12 +486,33 @@ def rss_kb(pid: int) -> int:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    family, todo = [], [pid]
     while todo:
         current = todo.pop()
+        family.append(current)
         todo.extend(children.get(current, []))
+    return family
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time `pid` and its descendants have used so far; None if gone."""
+    total = None
+    for member in _family(pid):
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of `pid` and all its descendants, in kB."""
+    total = 0
+    for member in _family(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except OSError:

@@ -29,13 +29,14 @@ from proxy.observe.audit import AuditLog, SessionContext, open_audit_log
 from proxy.observe.http import start_http
 from proxy.observe.instrument import register_analysis_cache
 from proxy.pipe import Pipe
+from proxy.policy import fastmask
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
 from proxy.policy.catalog import from_json as catalog_from_json
 from proxy.policy.decision import Refuse
 from proxy.policy.engine import AllowAll, RestrictedPolicy
 from proxy.policy.limits import Limiter, make_limiter
-from proxy.policy.masks import RowMasker
+from proxy.policy.masks import MaskCounts
 from proxy.policy.roles import RoleMatch
 from proxy.policy.rules import HashKeySpec, Rules
 from proxy.policy.store import RulesStore
@@ -106,7 +107,7 @@ class Connection:
         self._internal_done: asyncio.Future[None] | None = None
         self._authenticated: asyncio.Future[None] | None = None
         self._flushed = Counters()
-        self._masker: RowMasker | None = None  # the latest result's, its counts not yet flushed
+        self._masker: MaskCounts | None = None  # latest result's, counts not yet flushed
         self._cancelling: asyncio.Task[Any] | None = None  # a cancel on its way to the server
         self._held_client: list[bytes] = []  # client data waiting for that cancel
 
@@ -671,7 +672,7 @@ class Connection:
             )
         self.proxy.forget(self)
 
-    def _on_masked(self, masker: RowMasker) -> None:
+    def _on_masked(self, masker: MaskCounts) -> None:
         self._flush_masked()
         self._masker = masker
 
@@ -819,7 +820,7 @@ class Proxy:
         match: RoleMatch,
         catalog: Catalog,
         search_path: tuple[str, ...],
-        on_masked: Callable[[RowMasker], None] | None = None,
+        on_masked: Callable[[MaskCounts], None] | None = None,
         user: str | None = None,
     ) -> StatementPolicy:
         """The policy that judges a restricted session's statements."""
@@ -1077,6 +1078,11 @@ async def serve(config: Config, rules: RulesStore) -> None:
         config.upstream,
         config.rules,
     )
+    if not fastmask.AVAILABLE:
+        log.warning(
+            "the C masking loop (proxy.policy._splice) is not built or TOPENG_PURE_PYTHON is set:"
+            " masking in Python, the same output at several times the CPU per masked row"
+        )
     await stop.wait()
     watcher.cancel()
     if audit is not None:

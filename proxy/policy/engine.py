@@ -30,6 +30,7 @@ from proxy.policy.decision import (
     Mask,
     Refuse,
 )
+from proxy.policy.fastmask import FastOp, fast_op, row_masker
 from proxy.policy.limits import (
     HOUR,
     MINUTE,
@@ -41,9 +42,10 @@ from proxy.policy.limits import (
     reads_rows,
 )
 from proxy.policy.masks import (
+    CopyMasker,
     FieldMasker,
+    MaskCounts,
     MaskNotApplicable,
-    RowMasker,
     build_copy_masker,
     build_field_masker,
 )
@@ -204,7 +206,7 @@ class RestrictedPolicy:
         *,
         cache: AnalysisCache,
         hash_key: bytes,
-        on_masked: Callable[[RowMasker], None] | None = None,
+        on_masked: Callable[[MaskCounts], None] | None = None,
         limiter: Limiter | None = None,
         user: str | None = None,
         rules_source: Callable[[], Rules] | None = None,
@@ -499,7 +501,10 @@ class RestrictedPolicy:
             return decision
         if not isinstance(decision, Mask) or not decision.columns:
             return None
-        return plan_copy_masker(decision, response, self.catalog, self.hash_key, self.role.name)
+        masker = plan_copy_masker(decision, response, self.catalog, self.hash_key, self.role.name)
+        if self.on_masked is not None and not isinstance(masker, Refuse):
+            self.on_masked(masker)
+        return masker
 
     # -- results
 
@@ -532,7 +537,7 @@ class RestrictedPolicy:
         for index in masks:
             if index >= len(fields):
                 return _disagree(f"the analysis masks column {index + 1} of {len(fields)}")
-        maskers: dict[int, tuple[FieldMasker, str]] = {}
+        maskers: dict[int, tuple[FieldMasker, str, FastOp | None]] = {}
         for index, field in enumerate(fields):
             if field.table_oid and field.column > 0:
                 protection = self._protection(field.table_oid, field.column)
@@ -549,10 +554,11 @@ class RestrictedPolicy:
             if spec is None:
                 continue
             fmt = formats[index] if index < len(formats) else 0
+            params = dict(spec.params)
             try:
                 masker = build_field_masker(
                     spec.mask,
-                    dict(spec.params),
+                    params,
                     type_oid=field.type_oid,
                     typmod=field.type_modifier,
                     fmt=fmt,
@@ -567,10 +573,17 @@ class RestrictedPolicy:
                     hint="Ask your DBA to fix the mask of this label in the rules.",
                     reason="mask",
                 )
-            maskers[index] = (masker, spec.label)
+            op = fast_op(
+                spec.mask,
+                params,
+                type_oid=field.type_oid,
+                typmod=field.type_modifier,
+                fmt=fmt,
+            )
+            maskers[index] = (masker, spec.label, op)
         if not maskers:
             return None
-        rewriter = RowMasker(maskers, len(fields))
+        rewriter = row_masker(maskers, len(fields))
         if self.on_masked is not None:
             self.on_masked(rewriter)
         return rewriter
@@ -588,7 +601,7 @@ def _copy_refusal(detail: str, role: str) -> Refuse:
 
 def plan_copy_masker(
     decision: Mask, response: m.CopyResponse, catalog: Catalog, hash_key: bytes, role: str
-) -> CopyRewriter | Refuse:
+) -> CopyMasker | Refuse:
     """The masker of a COPY TO STDOUT (copy_out: mask), in the COPY's own format; the masked
     columns' types come from the catalog (CopyOutResponse carries none). Fail closed."""
     copy = decision.copy

@@ -80,6 +80,7 @@ from proxy.wire.framing import ProtocolViolation
 __all__ = [
     "MASK_NAMES",
     "CopyMasker",
+    "MaskCounts",
     "FieldMasker",
     "MaskNotApplicable",
     "RowMasker",
@@ -1026,10 +1027,19 @@ class RowMasker:
 # COPY TO STDOUT
 
 
+class MaskCounts(Protocol):
+    """What a masker counted: label -> non-NULL values masked since the last take (the
+    server adds them to topeng_masked_values_total)."""
+
+    def take_masked_counts(self) -> dict[str, int]: ...
+
+
 class CopyMasker(Protocol):
     """Masks `COPY ... TO STDOUT` data: feed CopyData payloads, get the bytes to send on."""
 
     masked_counts: dict[str, int]
+
+    def take_masked_counts(self) -> dict[str, int]: ...
 
     def feed(self, data: bytes | memoryview) -> bytes:
         """The masked bytes of every row completed by `data` (partial rows are held back)."""
@@ -1088,6 +1098,12 @@ class _CopyBase:
         self._buf = b""
         self._header = header
         self.masked_counts: dict[str, int] = {label: 0 for _, label in plan.values()}
+
+    def take_masked_counts(self) -> dict[str, int]:
+        """Label -> non-NULL values masked since the last take."""
+        counts = self.masked_counts
+        self.masked_counts = dict.fromkeys(counts, 0)
+        return counts
 
     def _check_count(self, n: int) -> None:
         if self._count is not None and n != self._count:

@@ -196,6 +196,30 @@ class MessageReader(_Buffer):
         view = memoryview(buf)
         return mtype, view[pos + 5 : end], view[pos:end]
 
+    def max_length(self, mtype: int) -> int:
+        """The largest length word (itself included) accepted for a message of this type."""
+        limits = self.limits
+        cap = limits.small_limit if mtype in limits.small_types else limits.max_message
+        return cap + 4
+
+    def take_run(self, mtype: int, max_count: int) -> tuple[memoryview, int]:
+        """The run of whole messages of type `mtype` (at most `max_count`) that follows, as one
+        slice: (messages, count). What is not whole, too long or of another type stays unread."""
+        buf = self._buf
+        start = pos = self._pos
+        size = len(buf)
+        most = self.max_length(mtype)
+        unpack = TYPED_HEADER.unpack_from
+        count = 0
+        while count < max_count and size - pos >= 5:
+            t, length = unpack(buf, pos)
+            if t != mtype or length < 4 or length > most or length > size - pos - 1:
+                break
+            pos += 1 + length
+            count += 1
+        self._pos = pos
+        return memoryview(buf)[start:pos], count
+
     def messages(self) -> Iterable[tuple[int, memoryview]]:
         while (msg := self.next_message()) is not None:
             yield msg

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from harness import PgServer, StartTopeng, TopengProcess
 from psycopg import errors
+from test_metrics import scrape, value, wait_until
 
 from proxy.sampledata import DEMO_USERS
 
@@ -205,3 +206,20 @@ def test_copy_masked_refuses_what_it_cannot_mask(proxy: TopengProcess) -> None:
         with pytest.raises(errors.InsufficientPrivilege):
             copy_out(conn, "COPY bank.customers TO '/tmp/topeng-copy-test'")
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_copy_masked_values_are_counted(
+    proxy: TopengProcess, raw: dict[int, tuple[str, str | None, Decimal]]
+) -> None:
+    def masked(label: str) -> float:
+        return value(scrape(proxy)[1], "topeng_masked_values_total", role="exporter", label=label)
+
+    before = {label: masked(label) for label in ("nik", "phone", "income")}
+    with connect(proxy, MASKER) as conn:
+        copy_out(conn, f"COPY (SELECT {COLUMNS} FROM bank.customers) TO STDOUT")
+    phones = sum(1 for _, phone, _ in raw.values() if phone is not None)
+    expected = {"nik": len(raw), "phone": phones, "income": len(raw)}
+    wait_until(
+        lambda: all(masked(k) - before[k] == n for k, n in expected.items()),
+        f"masked COPY values counted: {expected}",
+    )

@@ -125,10 +125,16 @@ def test_dockerfile() -> None:
         assert name in ENV_VARS, name
     assert f"TOPENG_LISTEN=0.0.0.0:{LISTEN_PORT}" in env
     assert f"TOPENG_METRICS_LISTEN=0.0.0.0:{METRICS_PORT}" in env
+    stages = [rest.split()[-1] for rest in get("FROM") if " AS " in rest.upper()]
     for rest in get("COPY"):
         *sources, _ = rest.split()
+        if sources[0].startswith("--from="):
+            assert sources[0].removeprefix("--from=") in stages, rest
+            continue
         for source in sources:
             assert (ROOT / source).exists(), source
+    # the runtime stage checks that the C masking loop was built
+    assert any("fastmask.AVAILABLE" in rest for rest in get("RUN"))
 
 
 # -- docker-compose -------------------------------------------------------------------------------

@@ -429,3 +429,33 @@ def test_scanner_refuses_bad_type_and_length(watched: bool) -> None:
         MessageScanner(FRONTEND_LIMITS, watch).feed(b"z\x00\x00\x00\x04")
     with pytest.raises(ProtocolViolation, match="invalid message length 2"):
         MessageScanner(FRONTEND_LIMITS, watch).feed(b"Q\x00\x00\x00\x02")
+
+
+def test_take_run_takes_whole_messages_of_one_type_only() -> None:
+    row = b"D" + struct.pack("!I", 10) + struct.pack("!hi", 1, 0)
+    done = b"C" + struct.pack("!I", 13) + b"SELECT 3\x00"
+    reader = MessageReader(BACKEND_LIMITS)
+    reader.feed(row * 3 + done + row)
+    assert reader.next_raw() is not None  # the first row, read as usual
+    run, count = reader.take_run(ord("D"), 10)
+    assert (bytes(run), count) == (row * 2, 2)
+    assert reader.take_run(ord("D"), 10)[1] == 0  # CommandComplete stops it
+    msg = reader.next_message()
+    assert msg is not None and msg[0] == ord("C")
+    assert reader.take_run(ord("D"), 0)[1] == 0  # the count caps it
+    run, count = reader.take_run(ord("D"), 1)
+    assert (bytes(run), count) == (row, 1)
+    # an incomplete message stays for later, and so does one over the size limit
+    reader.feed(row[:7])
+    assert reader.take_run(ord("D"), 10)[1] == 0
+    reader.feed(row[7:])
+    assert reader.take_run(ord("D"), 10)[1] == 0  # not joined yet: next_raw joins it
+    assert reader.next_raw() is not None
+    small = MessageReader(
+        Limits(allowed_types=frozenset({ord("D")}), small_types=frozenset(), max_message=6)
+    )
+    small.feed(row + b"D" + struct.pack("!I", 20) + bytes(16))
+    assert small.next_raw() is not None
+    assert small.take_run(ord("D"), 10)[1] == 0
+    with pytest.raises(ProtocolViolation):
+        small.next_raw()
