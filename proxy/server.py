@@ -778,7 +778,6 @@ class Proxy:
         self.analysis_cache = AnalysisCache()
         register_analysis_cache(self.analysis_cache)
         self.limiters: dict[str, Limiter] = {}
-        self._random_hash_key = secrets.token_bytes(32)
         self._hash_keys: dict[HashKeySpec, bytes] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -847,10 +846,10 @@ class Proxy:
         return found
 
     def hash_key(self, rules: Rules) -> bytes:
-        """The key of the `hash` mask: from the rules' hash_key, else random per process."""
+        """The key of the `hash` mask: from the rules' hash_key, else random per instance."""
         spec = rules.hash_key
         if spec is None:
-            return self._random_hash_key
+            return self.rules.random_hash_key
         cached = self._hash_keys.get(spec)
         if cached is None:
             cached = self._hash_keys[spec] = spec.read()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class RulesStore:
         self.poll_interval = poll_interval
         self.current: Rules = load_rules(self.path)  # raises RulesError at startup
         check_hash_key(self.current)
+        # The `hash` mask's key when the rules name none: made here, before `--workers` forks,
+        # so every worker of this instance hashes alike (instances and restarts still differ).
+        self.random_hash_key = secrets.token_bytes(32)
         self._seen = _fingerprint(self.path)
         self.on_change: list[Callable[[Rules], None]] = []
         self.on_reload: list[Callable[[bool, str], None]] = []  # (ok, detail) of every reload

@@ -219,6 +219,19 @@ def _worker_pids(proxy: TopengProcess) -> set[str]:
     return set(re.findall(r"topeng\[(\d+)\]: client \S+: user \S+ gets role", proxy.stderr_text()))
 
 
+def test_workers_share_the_random_hash_key(start_topeng: StartTopeng) -> None:
+    """Rules without hash_key: one random key per instance, made before the workers fork, so
+    the supervisor's hash of a mother's maiden name is the same whichever worker answers."""
+    proxy = start_topeng("--workers", "2", "--log-level", "debug")
+    hashes = set()
+    for _ in range(16):
+        with connect(proxy, "spv_budi") as conn:
+            row = conn.execute("SELECT nama_ibu_kandung FROM bank.customers WHERE id = 1")
+            hashes.add(row.fetchone())
+    assert len(_worker_pids(proxy)) == 2, proxy.stderr_text()[-2000:]  # 16 coin flips
+    assert len(hashes) == 1, hashes
+
+
 def test_workers_scrapes_are_the_sum(start_topeng: StartTopeng, tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
