@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Final
 
 from proxy.policy import pgtypes as pt
-from proxy.policy.masks import FieldMasker, RowMasker
+from proxy.policy.masks import FieldMasker, MaskedCounter, RowMasker
 from proxy.policy.pgtypes import Kind
 from proxy.wire.framing import ProtocolViolation
 
@@ -122,21 +122,18 @@ def _integral_step(to: object) -> int | None:
     return value if value <= _MAX_STEP else None
 
 
-class SplicedRowMasker:
-    """`RowMasker`'s interface over the C plan (`_splice.Plan`)."""
+class SplicedRowMasker(MaskedCounter):
+    """`RowMasker`'s interface over the C plan (`_splice.Plan`), which counts rows and NULLs."""
 
-    __slots__ = ("_plan", "_columns", "_labels", "_rows", "_nulls", "row", "run")
+    __slots__ = ("_plan", "row", "run")
 
     def __init__(
         self, maskers: Mapping[int, tuple[FieldMasker, str, FastOp | None]], columns: int
     ) -> None:
-        for index in maskers:
-            if not 0 <= index < columns:
-                raise ValueError(f"masked column {index} is outside 0..{columns - 1}")
+        super().__init__({i: label for i, (_, label, _) in maskers.items()}, columns)
         assert _splice is not None
-        last = max(maskers, default=-1)
         fields: list[tuple[object, ...] | None] = []
-        for i in range(last + 1):
+        for i in range(max(maskers, default=-1) + 1):
             if i not in maskers:
                 fields.append(None)
                 continue
@@ -144,10 +141,6 @@ class SplicedRowMasker:
             code = op if op is not None else _OP_CALL
             fields.append((code[0], call, *code[1:]))
         self._plan = _splice.Plan(columns, tuple(fields))
-        self._columns = columns
-        self._labels = {i: label for i, (_, label, _) in maskers.items()}
-        self._rows = 0
-        self._nulls = [0] * (last + 1)
         self.row = self._plan.row
         self.run = self._plan.run
 
@@ -156,30 +149,11 @@ class SplicedRowMasker:
         out: bytes = self.row(body)
         return out
 
-    @property
-    def columns(self) -> int:
-        return self._columns
-
     def _collect(self) -> None:
         rows, nulls = self._plan.take()
         self._rows += rows
         for i, n in enumerate(nulls):
             self._nulls[i] += n
-
-    @property
-    def masked_counts(self) -> dict[str, int]:
-        """Label -> non-NULL values masked since the last take."""
-        self._collect()
-        counts: dict[str, int] = {}
-        for i, label in self._labels.items():
-            counts[label] = counts.get(label, 0) + self._rows - self._nulls[i]
-        return counts
-
-    def take_masked_counts(self) -> dict[str, int]:
-        counts = self.masked_counts
-        self._rows = 0
-        self._nulls = [0] * len(self._nulls)
-        return counts
 
 
 MaskingRewriter = RowMasker | SplicedRowMasker

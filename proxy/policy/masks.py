@@ -81,6 +81,7 @@ __all__ = [
     "MASK_NAMES",
     "CopyMasker",
     "MaskCounts",
+    "MaskedCounter",
     "FieldMasker",
     "MaskNotApplicable",
     "RowMasker",
@@ -923,39 +924,33 @@ _VALUE_MASKS: Final[Mapping[str, Callable[[_Spec], FieldMasker]]] = {
 # DataRow
 
 
-class RowMasker:
-    """Rewrites the masked fields of DataRow bodies; every other field's bytes pass untouched.
+class MaskedCounter:
+    """Counts of a row masker: `masked_counts` (label -> non-NULL values masked since the last
+    take) is worked out, when read, from the rows and the NULLs of each masked column;
+    `take_masked_counts()` reads and resets it. `_collect()` brings counts kept elsewhere in."""
 
-    Strategy: one pass over the length words. Unmasked fields are never copied on their own:
-    the bytes between two masked fields (length words included) go out as one memoryview slice,
-    and the new message is a single `b"".join` with the header computed from the size delta.
-    The loop counts only rows and NULLs; `masked_counts` (label -> non-NULL values masked) is
-    worked out from them when read, and `take_masked_counts()` reads and resets it.
-    """
+    __slots__ = ("_columns", "_labels", "_rows", "_nulls")
 
-    __slots__ = ("_head", "_columns", "_labels", "_rows", "_nulls")
-
-    def __init__(self, maskers: Mapping[int, tuple[FieldMasker, str]], columns: int) -> None:
-        for index in maskers:
+    def __init__(self, labels: Mapping[int, str], columns: int) -> None:
+        for index in labels:
             if not 0 <= index < columns:
                 raise ValueError(f"masked column {index} is outside 0..{columns - 1}")
         self._columns = columns
-        last = max(maskers, default=-1)
-        # The maskers of the columns up to the last masked one (None: passes untouched).
-        self._head: tuple[FieldMasker | None, ...] = tuple(
-            maskers[i][0] if i in maskers else None for i in range(last + 1)
-        )
-        self._labels = {i: label for i, (_, label) in maskers.items()}
+        self._labels = dict(labels)
         self._rows = 0
-        self._nulls = [0] * (last + 1)
+        self._nulls = [0] * (max(labels, default=-1) + 1)
 
     @property
     def columns(self) -> int:
         return self._columns
 
+    def _collect(self) -> None:
+        pass
+
     @property
     def masked_counts(self) -> dict[str, int]:
         """Label -> non-NULL values masked since the last take."""
+        self._collect()
         counts: dict[str, int] = {}
         for i, label in self._labels.items():
             counts[label] = counts.get(label, 0) + self._rows - self._nulls[i]
@@ -966,6 +961,26 @@ class RowMasker:
         self._rows = 0
         self._nulls = [0] * len(self._nulls)
         return counts
+
+
+class RowMasker(MaskedCounter):
+    """Rewrites the masked fields of DataRow bodies; every other field's bytes pass untouched.
+
+    Strategy: one pass over the length words. Unmasked fields are never copied on their own:
+    the bytes between two masked fields (length words included) go out as one memoryview slice,
+    and the new message is a single `b"".join` with the header computed from the size delta.
+    The loop counts only rows and NULLs (see MaskedCounter).
+    """
+
+    __slots__ = ("_head",)
+
+    def __init__(self, maskers: Mapping[int, tuple[FieldMasker, str]], columns: int) -> None:
+        super().__init__({i: label for i, (_, label) in maskers.items()}, columns)
+        last = max(maskers, default=-1)
+        # The maskers of the columns up to the last masked one (None: passes untouched).
+        self._head: tuple[FieldMasker | None, ...] = tuple(
+            maskers[i][0] if i in maskers else None for i in range(last + 1)
+        )
 
     def __call__(self, body: memoryview) -> bytes:
         """The whole new DataRow message (type byte, length, body) for a DataRow body."""
