@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Long forms of the fuzz and soak suites (make test runs their quick forms).
+# TOPENG_FUZZ_SECONDS (default 300) is a wall-clock budget for all the fuzz tests together,
+# fixture setup included: the run takes about that plus fixed costs (start-up, collection, one
+# quick search per test once the budget is spent), well under a minute.
 fuzz: $(STAMP)
 	TOPENG_FUZZ_SECONDS=$${TOPENG_FUZZ_SECONDS:-300} $(PY) -m pytest -q -o timeout=0 tests/fuzz $(PYTEST_ARGS)
 

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import sqlglot
+from pglast import ast as pglast_ast
 from pglast import parser as pg_parser
+from pglast import visitors as pglast_visitors
 from sqlglot import exp
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.qualify import qualify
@@ -41,6 +43,7 @@ from sqlglot.schema import MappingSchema
 
 from proxy.policy.catalog import Catalog, Relation
 from proxy.policy.decision import CopyFormat
+from proxy.policy.functions import is_set_config
 
 __all__ = [
     "VIEW_SEARCH_PATH",
@@ -153,6 +156,9 @@ class StatementFacts:
     outputs: tuple[OutputColumn, ...] | None = None
     uses: frozenset[ColumnUse] = frozenset()
     functions: frozenset[tuple[str, ...]] = frozenset()
+    # per set_config call: the setting it changes (lower case), None if not all arguments are
+    # constants
+    config_settings: frozenset[str | None] = frozenset()
     operators: frozenset[tuple[str, ...]] = frozenset()
     whole_row_relations: frozenset[int] = frozenset()
     relations: frozenset[int] = frozenset()
@@ -247,6 +253,7 @@ class _PgFacts:
     rangevars: set[tuple[str, ...]] = field(default_factory=set)
     ctes: set[str] = field(default_factory=set)
     functions: set[tuple[str, ...]] = field(default_factory=set)
+    config_settings: set[str | None] = field(default_factory=set)
     operators: set[tuple[str, ...]] = field(default_factory=set)
     positional: bool = False
     writes: bool = False
@@ -292,6 +299,8 @@ def _pg_facts(node: JsonNode) -> _PgFacts:
         elif name == "FuncCall":
             fname = _strings(fields.get("funcname"))
             facts.functions.add(fname)
+            if is_set_config(fname):
+                facts.config_settings.add(_set_config_setting(fields))
             if fname and fname[-1] in FOLDING_AGGREGATES:
                 facts.folds.add(fname[-1])
         elif name in ("JsonArrayAgg", "JsonObjectAgg"):
@@ -313,6 +322,58 @@ def _pg_facts(node: JsonNode) -> _PgFacts:
 
 
 _WRITE_NODES: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+
+_CALL_MODIFIERS: Final = (
+    "agg_order",
+    "agg_filter",
+    "over",
+    "agg_within_group",
+    "agg_star",
+    "agg_distinct",
+    "func_variadic",
+)
+_PLAIN_CASTS: Final = frozenset({"text", "varchar", "bool"})
+
+
+def _set_config_setting(call: Mapping[str, Any]) -> str | None:
+    """The setting a `set_config(name, value, is_local)` call changes (lower case, as PostgreSQL
+    compares names), or None unless its name is a string literal and its value and flag are
+    literals or `$n` parameters (each perhaps cast to text, varchar or boolean): no column, no
+    expression, no named or variadic arguments."""
+    args = call.get("args") or []
+    if len(args) != 3 or any(call.get(key) for key in _CALL_MODIFIERS):
+        return None
+    name, value, flag = (_plain_constant(a) for a in args)
+    if not (isinstance(name, dict) and "A_Const" in name and "sval" in name["A_Const"]):
+        return None
+    if value is None or flag is None:
+        return None
+    sval = name["A_Const"]["sval"]
+    text = sval.get("sval", "") if isinstance(sval, dict) else sval
+    return str(text).lower()
+
+
+def _plain_constant(node: object) -> JsonNode | None:
+    """The A_Const or ParamRef `node` is, under at most one plain cast; None for anything else
+    (a NULL constant included)."""
+    if not isinstance(node, dict):
+        return None
+    if "TypeCast" in node:
+        cast = node["TypeCast"]
+        type_name = cast.get("typeName", {})
+        names = _strings(type_name.get("names"))
+        if type_name.get("arrayBounds") or type_name.get("setof"):
+            return None
+        if not names or names[-1] not in _PLAIN_CASTS or names[:-1] not in ((), ("pg_catalog",)):
+            return None
+        node = cast.get("arg")
+        if not isinstance(node, dict):
+            return None
+    if "ParamRef" in node:
+        return node
+    if "A_Const" in node and not node["A_Const"].get("isnull"):
+        return node
+    return None
 
 
 def _rangevar_parts(fields: Mapping[str, Any]) -> tuple[str, ...]:
@@ -676,8 +737,9 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
 }
 
 
-def _deparse(text: str, key: str | None = None) -> str | None:
-    """pglast's deparse of the (first) statement of `text`, or of its field `key`."""
+def _deparse(text: str, key: str | None = None, *, for_sqlglot: bool = False) -> str | None:
+    """pglast's deparse of the (first) statement of `text`, or of its field `key`. for_sqlglot:
+    with arrays of object identifier types qualified (`$1::oid[]` as `pg_catalog.oid[]`)."""
     try:
         from pglast import parse_sql
         from pglast.stream import RawStream
@@ -690,9 +752,47 @@ def _deparse(text: str, key: str | None = None) -> str | None:
             node = getattr(node, key)
         if node is None:
             return None
+        if for_sqlglot:
+            _QualifyOidArrays()(node)
         return str(RawStream()(node))
     except Exception:  # noqa: BLE001 - any failure here means: cannot model it
         return None
+
+
+_OID_TYPES: Final = frozenset(
+    """oid regclass regcollation regconfig regdictionary regnamespace regoper regoperator
+    regproc regprocedure regrole regtype""".split()
+)
+"""Types sqlglot's PostgreSQL lexer reads as object identifiers, and then cannot parse an array
+of (`$1::oid[]`, as asyncpg's type introspection writes): written `pg_catalog.oid[]` for it,
+which it reads as an array of a named type. Which type a cast names does not change which
+columns a query reads."""
+
+
+def _has_oid_array(node: object) -> bool:
+    for _, fields in _walk_json(node):
+        type_name = fields.get("typeName")
+        if isinstance(type_name, dict) and type_name.get("arrayBounds"):
+            names = _strings(type_name.get("names"))
+            if len(names) == 1 and names[0] in _OID_TYPES:
+                return True
+    return False
+
+
+class _QualifyOidArrays(pglast_visitors.Visitor):
+    def visit_TypeName(self, ancestors: object, node: pglast_ast.TypeName) -> object:
+        names = tuple(getattr(n, "sval", None) for n in node.names or ())
+        if not node.arrayBounds or len(names) != 1 or names[0] not in _OID_TYPES:
+            return None
+        return pglast_ast.TypeName(
+            names=(pglast_ast.String("pg_catalog"), pglast_ast.String(names[0])),
+            typmods=node.typmods,
+            typemod=node.typemod,
+            arrayBounds=node.arrayBounds,
+            setof=node.setof,
+            pct_type=node.pct_type,
+            location=node.location,
+        )
 
 
 # -- queries: sqlglot ----------------------------------------------------------------------------
@@ -710,6 +810,7 @@ def _query_facts(text: str, node: JsonNode, ctx: _Context, *, kind: str) -> Stat
         text=text,
         node=name,
         functions=frozenset(pg.functions),
+        config_settings=frozenset(pg.config_settings),
         operators=frozenset(pg.operators),
         positional_refs=pg.positional,
         writes=pg.writes or kind != "select",
@@ -778,9 +879,9 @@ def _relation_infos(oids: Iterable[int], catalog: Catalog) -> tuple[RelationInfo
 
 
 def _sqlglot_text(text: str, node: JsonNode) -> str:
-    if not _RISKY_TEXT.search(text):
+    if not _RISKY_TEXT.search(text) and not _has_oid_array(node):
         return text
-    deparsed = _deparse(text)
+    deparsed = _deparse(text, for_sqlglot=True)
     if deparsed is None:
         raise _Unsupported("the statement could not be normalised for analysis")
     return deparsed

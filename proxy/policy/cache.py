@@ -11,7 +11,7 @@ entries (`SELECT id, nik` and `SELECT nik, id` share one), and the facts of one 
 the wrong positions of the other. The normalized text keeps order, duplicates, aliases and the
 length of IN lists.
 
-Two exceptions, where constants change meaning:
+Three exceptions, where constants change meaning:
 
 - positional references: `ORDER BY 1` and `ORDER BY 2` sort by different columns (one may be a
   masked column, the other not), and likewise GROUP BY and DISTINCT ON. Facts with
@@ -20,6 +20,9 @@ Two exceptions, where constants change meaning:
   `= b` differ only in a constant, and so do `FETCH c1` / `FETCH c2`. Only strings whose every
   statement is a plain query (select/insert/update/delete/merge) are cached by normalized text;
   the rest go to the exact-text map.
+- set_config calls: `set_config('jit', ...)` is allowed and `set_config('search_path', ...)` is
+  not, yet they differ only in a constant. Facts with any set_config call (`config_settings`)
+  go to the exact-text map too.
 
 The exact-text map is consulted first; it is bounded like the other. Both are per catalog
 fingerprint and search_path, so a catalog refresh simply stops hitting old entries, which age
@@ -134,7 +137,9 @@ def _shareable(facts: _Facts) -> bool:
     """Facts that hold for every statement of the same normalized text (see the docstring).
     Facts found this way carry the first text seen; messages quote the statement only for
     utility statements, which are never shared."""
-    return all(f.kind in _SHAREABLE and not f.positional_refs for f in facts)
+    return all(
+        f.kind in _SHAREABLE and not f.positional_refs and not f.config_settings for f in facts
+    )
 
 
 def _get(store: OrderedDict[_Key, _Facts], key: _Key) -> _Facts | None:

@@ -40,7 +40,13 @@ from proxy.policy.decision import (
     Mask,
     Refuse,
 )
-from proxy.policy.functions import function_verdict, operator_ok
+from proxy.policy.functions import (
+    SET_CONFIG_SETTINGS,
+    function_verdict,
+    is_set_config,
+    operator_ok,
+    set_config_verdict,
+)
 from proxy.policy.rules import LabelPolicy, Role, Rules
 
 __all__ = [
@@ -58,7 +64,7 @@ SYNTAX_ERROR: Final = "42601"
 _DECIDED_ALIKE: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 _NO_DECISIONS: Final[Mapping[str, Decision]] = MappingProxyType({})
 
-ALLOWED_SETTINGS: Final = frozenset(
+ALLOWED_SETTINGS: Final = SET_CONFIG_SETTINGS | frozenset(
     {
         "application_name",
         "datestyle",
@@ -77,7 +83,9 @@ ALLOWED_SETTINGS: Final = frozenset(
         "transaction_read_only",
     }
 )
-"""Parameters a restricted role may SET: they change formats and timeouts, never what is read."""
+"""Parameters a restricted role may SET: they change formats, timeouts and how the server plans
+and executes (jit), never what is read. set_config may change only `SET_CONFIG_SETTINGS`, a
+subset of these (see proxy.policy.functions for why)."""
 
 CATALOG_VIEWS: Final = frozenset(
     {
@@ -722,6 +730,16 @@ def _catalog_views(facts: StatementFacts, role: Role) -> Refuse | None:
 def _functions(facts: StatementFacts, role: Role) -> Refuse | None:
     for name in sorted(facts.functions):
         why = function_verdict(name)
+        hint = (
+            "use built-in functions over the columns you may read; user-defined "
+            "functions can read protected tables internally"
+        )
+        if is_set_config(name):
+            why = set_config_verdict(facts.config_settings)
+            hint = (
+                "change session parameters with SET; parameters that may be set: "
+                + ", ".join(sorted(ALLOWED_SETTINGS))
+            )
         if why is not None:
             shown = ".".join(name)
             return _refuse(
@@ -729,8 +747,7 @@ def _functions(facts: StatementFacts, role: Role) -> Refuse | None:
                 "function",
                 f"function {shown} is not permitted for role {role.name}",
                 detail=f"{shown} {why}",
-                hint="use built-in functions over the columns you may read; user-defined "
-                "functions can read protected tables internally",
+                hint=hint,
             )
     for op in sorted(facts.operators):
         if not operator_ok(op):

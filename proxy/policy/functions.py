@@ -8,6 +8,12 @@ listed in `DENIED` with a specific explanation, so the refusal can say why. Name
 PostgreSQL stores them (the parser already folded unquoted names to lower case); a name qualified
 with any schema but `pg_catalog` is never allowed. JSON/array/XML builders are in the allowlist:
 whether their arguments may contain protected columns is the expression rule's business.
+
+One denied built-in has a narrow exception: `set_config(name, value, is_local)` is allowed when
+the analysis saw every call's arguments as constants (a string literal name, a literal or `$n`
+value and flag) and every name is in `SET_CONFIG_SETTINGS` (see there for why so few).
+`current_setting` only reads a setting and is allowed whatever it names: reading cannot change
+what Topeng sees or masks, and SHOW and pg_settings read the same values.
 """
 
 from __future__ import annotations
@@ -15,7 +21,16 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["ALLOWED_FUNCTIONS", "ALLOWED_OPERATORS", "DENIED", "function_verdict", "operator_ok"]
+__all__ = [
+    "ALLOWED_FUNCTIONS",
+    "ALLOWED_OPERATORS",
+    "DENIED",
+    "SET_CONFIG_SETTINGS",
+    "function_verdict",
+    "is_set_config",
+    "operator_ok",
+    "set_config_verdict",
+]
 
 _AGGREGATES: Final = """
 count sum avg min max bool_and bool_or every array_agg string_agg json_agg jsonb_agg
@@ -126,6 +141,52 @@ ALLOWED_OPERATORS: Final = frozenset(
     ? ?| ?& @? @@ |/ ||/ @ & | # << >> <<| |>> &< &> -|- <-> #- !! ~=""".split()
 )
 """Built-in operator symbols (the built-in functions behind them compute on their arguments)."""
+
+
+SET_CONFIG_SETTINGS: Final = frozenset({"jit"})
+"""Settings a restricted role may change with `set_config` (lower case, as PostgreSQL compares).
+
+asyncpg turns `jit` off around its type introspection (`set_config('jit', 'off', false)`, then
+`set_config('jit', $1, false)` to restore it). `jit` only decides whether the server compiles
+expressions to machine code: the same rows and values come back either way, and it plays no part
+in Topeng's analysis, so changing it cannot unmask anything. The role may also `SET jit`.
+
+Why not more, although SET allows a few more parameters: set_config runs inside a query, once
+per row it is evaluated for, so it can change a setting between the rows of one result. The
+parameters that shape how values are written (DateStyle, IntervalStyle, TimeZone,
+extra_float_digits, bytea_output, client_encoding, standard_conforming_strings) would then
+change within a result Topeng is masking and a client is decoding; application_name is a
+channel to other sessions; search_path, role and session_authorization change what names mean
+and who runs the query (refused for SET too); timeouts and transaction settings have SET. No
+client we know needs any of them through set_config. Keep this list a subset of the parameters
+SET allows (`proxy.policy.decide.ALLOWED_SETTINGS` includes it)."""
+
+_SET_CONFIG_NAMES: Final = frozenset({("set_config",), ("pg_catalog", "set_config")})
+
+
+def is_set_config(name: tuple[str, ...]) -> bool:
+    """Whether a called function name is pg_catalog's set_config (qualified or not)."""
+    return name in _SET_CONFIG_NAMES
+
+
+def set_config_verdict(settings: frozenset[str | None]) -> str | None:
+    """None if every set_config call of a statement may run; else why not.
+
+    `settings` holds, per call, the setting name it changes (lower case), or None when the call's
+    arguments are not all constants.
+    """
+    if not settings or None in settings:
+        return (
+            "changes session settings behind Topeng's back; it is allowed only with constant "
+            "arguments and a setting name of: " + ", ".join(sorted(SET_CONFIG_SETTINGS))
+        )
+    names = sorted(s for s in settings if s is not None and s not in SET_CONFIG_SETTINGS)
+    if names:
+        return (
+            f"would change {', '.join(names)} behind Topeng's back; set_config may change only: "
+            + ", ".join(sorted(SET_CONFIG_SETTINGS))
+        )
+    return None
 
 
 def function_verdict(name: tuple[str, ...]) -> str | None:

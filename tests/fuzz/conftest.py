@@ -24,5 +24,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     count = sum(1 for item in items if item.get_closest_marker("fuzz") is not None)
-    if count:
-        fuzzkit.share["seconds"] = fuzzkit.FUZZ_SECONDS / count
+    if count and fuzzkit.LONG:
+        fuzzkit.start_budget(count)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures: their setup is paid from its share."""
+    if fuzzkit.LONG and item.get_closest_marker("fuzz") is not None:
+        fuzzkit.begin_test()

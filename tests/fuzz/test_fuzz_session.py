@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fuzzkit import fuzz_settings, run_budgeted, time_limit
-from hypothesis import given
+from fuzzkit import run_budgeted, time_limit
 from hypothesis import strategies as st
 from wirekit import (
     AUTH_OK,
@@ -448,25 +447,6 @@ def test_authentication_and_setup(name: str) -> None:
     """From the StartupMessage on: the password exchange, the server's verdict, the handover
     (with Topeng's own queries answered by the fake server), then anything."""
 
-    @fuzz_settings(quick=150)
-    @given(
-        st.lists(
-            st.one_of(
-                st.tuples(st.just("client"), AUTH_CLIENT),
-                st.tuples(st.just("server"), AUTH_SERVER),
-            ),
-            max_size=8,
-        ),
-        st.lists(
-            st.one_of(
-                st.tuples(st.just("client"), CLIENT_BURSTS),
-                st.tuples(st.just("server"), SERVER_BURSTS),
-            ),
-            max_size=5,
-        ),
-        st.booleans(),
-        st.integers(0, 2**16),
-    )
     def check(
         auth_steps: list[tuple[str, bytes]],
         later: list[tuple[str, bytes]],
@@ -495,22 +475,39 @@ def test_authentication_and_setup(name: str) -> None:
         if name in MASKING or name == "refuse_all":
             assert_fail_closed(name, run.to_client)
 
-    run_budgeted(check)
+    run_budgeted(
+        check,
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("client"), AUTH_CLIENT),
+                st.tuples(st.just("server"), AUTH_SERVER),
+            ),
+            max_size=8,
+        ),
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("client"), CLIENT_BURSTS),
+                st.tuples(st.just("server"), SERVER_BURSTS),
+            ),
+            max_size=5,
+        ),
+        st.booleans(),
+        st.integers(0, 2**16),
+        quick=150,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_ready_streams(name: str) -> None:
     """A handed-over session, fast or tracked, under mixed client and server bursts."""
 
-    @fuzz_settings(quick=150)
-    @given(STEPS, st.integers(0, 2**16))
     def check(steps: list[tuple[str, bytes]], seed: int) -> None:
         pb = ready_session(POLICIES[name]())
         run = drive(pb.session, steps, seed)
         if name in MASKING or name == "refuse_all":
             assert_fail_closed(name, run.to_client)
 
-    run_budgeted(check)
+    run_budgeted(check, STEPS, st.integers(0, 2**16), quick=150)
 
 
 @pytest.mark.parametrize("name", sorted(MASKING | {"refuse_all"}))
@@ -518,20 +515,20 @@ def test_hostile_server_after_real_statements(name: str) -> None:
     """The client sends ordinary statements; the fake server answers with anything, mostly
     result sets carrying the secret. Fail closed whatever it says."""
 
-    @fuzz_settings(quick=150)
-    @given(
-        st.lists(VALID_CLIENT, min_size=1, max_size=6).map(b"".join),
-        st.lists(st.one_of(server_results(), SERVER_REPLY, HOSTILE_SERVER), max_size=8).map(
-            b"".join
-        ),
-        st.integers(0, 2**16),
-    )
     def check(client: bytes, server: bytes, seed: int) -> None:
         pb = ready_session(POLICIES[name]())
         run = drive(pb.session, [("client", client), ("server", server)], seed)
         assert_fail_closed(name, run.to_client)
 
-    run_budgeted(check)
+    run_budgeted(
+        check,
+        st.lists(VALID_CLIENT, min_size=1, max_size=6).map(b"".join),
+        st.lists(st.one_of(server_results(), SERVER_REPLY, HOSTILE_SERVER), max_size=8).map(
+            b"".join
+        ),
+        st.integers(0, 2**16),
+        quick=150,
+    )
 
 
 # --------------------------------------------------------------------------- conversations
@@ -651,15 +648,13 @@ def conversations(draw: st.DrawFn) -> list[tuple[str, bytes]]:
 def test_conversations_with_a_misbehaving_server(name: str) -> None:
     """Deep states: real statement/reply exchanges with the server's side mutated."""
 
-    @fuzz_settings(quick=150)
-    @given(conversations(), st.integers(0, 2**16))
     def check(steps: list[tuple[str, bytes]], seed: int) -> None:
         pb = ready_session(POLICIES[name]())
         run = drive(pb.session, steps, seed)
         if name in MASKING or name == "refuse_all":
             assert_fail_closed(name, run.to_client)
 
-    run_budgeted(check)
+    run_budgeted(check, conversations(), st.integers(0, 2**16), quick=150)
 
 
 def test_conversations_reach_masked_rows() -> None:
@@ -786,12 +781,6 @@ def test_recorded_sessions_mutated(name: str) -> None:
     """Real asyncpg, psycopg and raw sessions with bytes flipped, inserted, deleted, whole
     packets duplicated or swapped, streams cut short."""
 
-    @fuzz_settings(quick=150)
-    @given(
-        st.integers(0, len(CORPUS_SESSIONS) - 1),
-        st.integers(1, 4),
-        st.integers(0, 2**32),
-    )
     def check(index: int, count: int, seed: int) -> None:
         startup_message, steps = split_startup(CORPUS_SESSIONS[index])
         rng = random.Random(seed)
@@ -800,4 +789,10 @@ def test_recorded_sessions_mutated(name: str) -> None:
         if name in MASKING or name == "refuse_all":
             assert_fail_closed(name, run.to_client)
 
-    run_budgeted(check)
+    run_budgeted(
+        check,
+        st.integers(0, len(CORPUS_SESSIONS) - 1),
+        st.integers(1, 4),
+        st.integers(0, 2**32),
+        quick=150,
+    )

@@ -54,16 +54,8 @@ CASES: list[Any] = list(FIXTURES.CASES)
 #: Cases that cannot run against the real database, with the reason. Keep this short.
 SKIP: dict[str, str] = {}
 
-_ASYNCPG_INTROSPECTION_BUG = (
-    "BUG: asyncpg introspects non-builtin types (bpchar[] for `nik = ANY($1)`) with "
-    "`SELECT current_setting('jit'), set_config('jit', 'off', false)`, which Topeng refuses "
-    "for restricted roles (function set_config), so the query fails"
-)
-
 #: Known bugs by client ("*" for all): case title -> reason. Marked xfail(strict=True).
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("asyncpg", "lookup with = ANY of a parameter array"): _ASYNCPG_INTROSPECTION_BUG,
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def known_bug(client: str, case: Any) -> str | None:

@@ -86,6 +86,34 @@ async def test_lookup_by_nik(agent: asyncpg.Connection, raw: dict[int, dict[str,
     assert [r["id"] for r in listed] == [3, 4, 5]
 
 
+async def test_lookup_by_nik_array(proxy: TopengProcess, raw: dict[int, dict[str, Any]]) -> None:
+    """`nik = ANY($1)` with a list: asyncpg first introspects bpchar[] (not one of its builtin
+    codecs), turning jit off around it with set_config('jit', ...) and restoring it with
+    set_config('jit', $1, ...); Topeng lets exactly that through for a restricted role."""
+    conn = await asyncpg.connect(_dsn(proxy, "agent_citra"))  # fresh: no type cache yet
+    try:
+        jit_before = await conn.fetchval("SELECT current_setting('jit')")
+        niks = [raw[i]["nik"] for i in (8, 9, 31)]
+        rows = await conn.fetch(
+            "SELECT id, nik, email FROM customers WHERE nik = ANY($1) ORDER BY id", niks
+        )
+        assert [(r["id"], r["nik"]) for r in rows] == [
+            (i, _masked_nik(raw[i]["nik"])) for i in (8, 9, 31)
+        ]
+        for r in rows:
+            email = raw[r["id"]]["email"]
+            assert email is None or r["email"] != email
+        # asyncpg put jit back the way it was, through Topeng
+        assert await conn.fetchval("SELECT current_setting('jit')") == jit_before
+        # set_config of anything else is still refused, and changes nothing
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
+            await conn.fetchval("SELECT set_config('search_path', 'public', false)")
+        assert "function set_config is not permitted" in caught.value.message
+        assert await conn.fetchval("SELECT current_setting('search_path')") != "public"
+    finally:
+        await conn.close()
+
+
 async def test_joins_on_ids(agent: asyncpg.Connection, pg: PgServer) -> None:
     sql = (
         "SELECT c.id, c.full_name, a.account_number, t.amount, t.kind FROM customers c "
