@@ -10,8 +10,9 @@ pgbench tables. Two layers are measured:
 
 - `session`: `Session.from_client` / `from_server` / `take_*` and the records taken, as a unit;
 - `glue`: the same through `proxy.server.Connection`'s data callbacks (pipes without
-  transports, so writes cost nothing), which adds the per-chunk work of server.py and the
-  metrics and audit bookkeeping of `_take_records` (audit log off, as in `make bench`).
+  transports, so writes cost nothing), which adds the per-chunk work of server.py, the
+  metrics and audit bookkeeping of `_take_records` (audit log off, as in `make bench`) and the
+  analysis cache's metrics (`register_analysis_cache`).
 
 Protocols: `simple` (one Query per transaction) and `prepared` (Parse once, then Bind, Describe
 portal, Execute, Sync per transaction, as libpq's PQexecPrepared sends them). The figure is the
@@ -37,6 +38,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bench.services import write_rules
+from proxy.observe.instrument import register_analysis_cache
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import Catalog, from_json
 from proxy.policy.engine import RestrictedPolicy
@@ -241,6 +243,8 @@ def measure(layer: str, protocol: str, txs: int, rounds: int, profile: bool) -> 
         rules = bench_rules()
         catalog = pgbench_catalog()
         cache = AnalysisCache()
+        if layer == "glue":
+            register_analysis_cache(cache)  # as the server does: analysis metrics
         session = ready_session(restricted_policy(rules, catalog, cache))
         if layer == "glue":
             client, server, _conn = glue_steps(session)
