@@ -62,6 +62,9 @@ COPY_IN, COPY_OUT, COPY_BOTH, FUNC_RESULT, NEGOTIATE = (ord(c) for c in "GHWVv")
 POISON_SQL = "TOPENG_REFUSED"
 POISON_NAME = "topeng_refused\x01"  # no client can have created a statement of this name
 
+# What NoData describes: a statement that returns no columns.
+NO_COLUMNS = m.RowDescription(())
+
 # Extended-protocol messages: a batch of them is open until a Sync.
 BATCH_TYPES = frozenset((P, B, DESC, E, CLOSE, H))
 
@@ -377,6 +380,9 @@ class Session:
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
+        # RowDescriptions by their exact bytes, each with the formats it names: a statement
+        # run again gets the same object, on which the policy may remember its verdict.
+        self._descriptions: dict[bytes, tuple[m.RowDescription, tuple[int, ...]]] = {}
         self._copy_in = False
         self._ignored_syncs = 0  # fast mode: Syncs the server ignored inside COPY FROM STDIN
         self._in_batch = False  # tracked mode: extended-protocol messages sent since the Sync
@@ -1186,7 +1192,7 @@ class Session:
             ROW_DESC,
             NO_DATA,
         ):
-            desc = m.RowDescription.decode(body) if mtype == ROW_DESC else m.RowDescription(())
+            desc = self._row_description(body)[0] if mtype == ROW_DESC else NO_COLUMNS
             if head.statement is not None:
                 head.statement.description = desc
             if head.portal is not None:
@@ -1416,13 +1422,13 @@ class Session:
 
     def _simple_reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
         if mtype == ROW_DESC:
-            desc = m.RowDescription.decode(body)
+            desc, formats = self._row_description(body)
             decision: Decision | None = ALLOW if head.allow_all else None
             if head.index < len(head.decisions):
                 decision = head.decisions[head.index]
             if decision is None:
                 raise ProtocolViolation("more result sets than statements")
-            self._start_result(decision, desc, tuple(f.format for f in desc.fields))
+            self._start_result(decision, desc, formats)
         elif mtype in (CMD_COMPLETE, EMPTY_QUERY):
             if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
                 self.schema_changed = True
@@ -1444,6 +1450,18 @@ class Session:
         else:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
         self._to_client.append(bytes(raw))
+
+    def _row_description(self, body: memoryview) -> tuple[m.RowDescription, tuple[int, ...]]:
+        """The RowDescription of these bytes and the format of each column it names."""
+        key = body.tobytes()
+        found = self._descriptions.get(key)
+        if found is None:
+            desc = m.RowDescription.decode(key)
+            found = (desc, tuple(f.format for f in desc.fields))
+            if len(self._descriptions) >= 64:
+                self._descriptions.clear()
+            self._descriptions[key] = found
+        return found
 
     def _error(self, head: Pending, raw: memoryview, body: memoryview) -> None:
         refusal = head.refusal
