@@ -119,6 +119,25 @@ def _read_int16s(c: Cursor) -> tuple[int, ...]:
     return tuple(c.int16() for _ in range(n))
 
 
+def _fast_int16s(b: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """A count and that many int16s at `pos` (struct.error if short, ValueError if negative),
+    and the position after them: the unchecked path of the decoders, whose checked path
+    (Cursor) names what is wrong."""
+    (n,) = _I16.unpack_from(b, pos)
+    pos += 2
+    if n == 0:
+        return (), pos
+    if n < 0:
+        raise ValueError
+    if n == 1:
+        return _I16.unpack_from(b, pos), pos + 2
+    return struct.unpack_from(f"!{n}h", b, pos), pos + 2 * n
+
+
+# Describe / Close kinds by byte.
+_KINDS = {ord("S"): "S", ord("P"): "P"}
+
+
 def _values(values: Sequence[bytes | None]) -> bytes:
     parts = [_I16.pack(len(values))]
     for v in values:
@@ -151,6 +170,17 @@ class Query:
 
     @classmethod
     def decode(cls, body: Body) -> Query:
+        b = body if type(body) is bytes else bytes(body)
+        end = len(b) - 1
+        if end >= 0 and b.find(0) == end:
+            try:
+                return cls(b[:end].decode("utf-8"))
+            except UnicodeDecodeError:
+                pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Query:
         c = Cursor(body, "Query")
         sql = c.cstring()
         c.done()
@@ -200,6 +230,38 @@ class Bind:
 
     @classmethod
     def decode(cls, body: Body) -> Bind:
+        b = body if type(body) is bytes else bytes(body)
+        try:
+            end = b.index(0)
+            portal = b[:end].decode("utf-8")
+            pos = b.index(0, end + 1)
+            statement = b[end + 1 : pos].decode("utf-8")
+            pos += 1
+            param_formats, pos = _fast_int16s(b, pos)
+            (n,) = _I16.unpack_from(b, pos)
+            pos += 2
+            if n < 0:
+                raise ValueError
+            params: list[bytes | None] = []
+            for _ in range(n):
+                (size,) = _I32.unpack_from(b, pos)
+                pos += 4
+                if size == -1:
+                    params.append(None)
+                    continue
+                if size < 0 or pos + size > len(b):
+                    raise ValueError
+                params.append(b[pos : pos + size])
+                pos += size
+            result_formats, pos = _fast_int16s(b, pos)
+            if pos == len(b):
+                return cls(portal, statement, param_formats, tuple(params), result_formats)
+        except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+            pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Bind:
         c = Cursor(body, "Bind")
         portal = c.cstring()
         statement = c.cstring()
@@ -237,6 +299,19 @@ class Describe:
 
     @classmethod
     def decode(cls, body: Body) -> Describe:
+        b = body if type(body) is bytes else bytes(body)
+        last = len(b) - 1
+        if last >= 1 and b.find(0, 1) == last:
+            kind = _KINDS.get(b[0])
+            if kind is not None:
+                try:
+                    return cls(kind, b[1:last].decode("utf-8"))
+                except UnicodeDecodeError:
+                    pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Describe:
         c = Cursor(body, "Describe")
         kind = chr(c.byte())
         if kind not in "SP":
@@ -257,6 +332,17 @@ class Execute:
 
     @classmethod
     def decode(cls, body: Body) -> Execute:
+        b = body if type(body) is bytes else bytes(body)
+        end = b.find(0)
+        if end >= 0 and len(b) == end + 5:
+            try:
+                return cls(b[:end].decode("utf-8"), _I32.unpack_from(b, end + 1)[0])
+            except UnicodeDecodeError:
+                pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Execute:
         c = Cursor(body, "Execute")
         portal = c.cstring()
         max_rows = c.int32()
@@ -427,6 +513,14 @@ class ReadyForQuery:
 
     @classmethod
     def decode(cls, body: Body) -> ReadyForQuery:
+        if len(body) == 1:
+            known = _READY.get(body[0])
+            if known is not None:
+                return known
+        return cls._decode_checked(body)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> ReadyForQuery:
         c = Cursor(body, "ReadyForQuery")
         status = chr(c.byte())
         c.done()
@@ -436,6 +530,10 @@ class ReadyForQuery:
 
     def encode(self) -> bytes:
         return frame(self.TYPE, self.status.encode())
+
+
+# The three ReadyForQuery messages, by status byte (they are immutable: decode hands them out).
+_READY = {ord(s): ReadyForQuery(s) for s in "ITE"}
 
 
 @dataclass(frozen=True, slots=True)
