@@ -303,6 +303,31 @@ def _summary(verdict: Decision | tuple[Decision, ...]) -> tuple[str, tuple[str, 
     return ("masked" if labels else "allowed"), tuple(labels)
 
 
+NO_STATEMENTS = Refuse(
+    "0A000", "topeng: the query has no statements Topeng could judge", reason="unsupported"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a Query's decisions come to: the refusal of the whole (the first refused statement,
+    or NO_STATEMENTS), whether any statement masks, and the record's decision and labels."""
+
+    refusal: Refuse | None
+    masks: bool
+    decision: str
+    labels: tuple[str, ...]
+
+    @classmethod
+    def of(cls, decisions: tuple[Decision, ...]) -> Verdict:
+        refusal = next((d for d in decisions if isinstance(d, Refuse)), None)
+        if refusal is None and not decisions:
+            refusal = NO_STATEMENTS
+        decision, labels = _summary(decisions)
+        masks = any(isinstance(d, Mask) for d in decisions)
+        return cls(refusal, masks, decision, labels)
+
+
 @dataclass(slots=True)
 class Pending:
     kind: Kind
@@ -383,6 +408,12 @@ class Session:
         # RowDescriptions by their exact bytes, each with the formats it names: a statement
         # run again gets the same object, on which the policy may remember its verdict.
         self._descriptions: dict[bytes, tuple[m.RowDescription, tuple[int, ...]]] = {}
+        # The last Query's decisions and what they come to; the last Execute's decision and
+        # its record's summary (a policy hands a repeated statement the same objects).
+        self._last_decisions: tuple[Decision, ...] | None = None
+        self._last_verdict = Verdict.of(())
+        self._last_executed: Decision | None = None
+        self._last_summary: tuple[str, tuple[str, ...]] = ("allowed", ())
         self._copy_in = False
         self._ignored_syncs = 0  # fast mode: Syncs the server ignored inside COPY FROM STDIN
         self._in_batch = False  # tracked mode: extended-protocol messages sent since the Sync
@@ -589,7 +620,7 @@ class Session:
                 self._client_parse(m.Parse.decode(body), raw)
             elif mtype == B:
                 self._in_batch = True
-                self._client_bind(m.Bind.decode(body), raw)
+                self._client_bind(*m.bind_target(body), raw)
             elif mtype == DESC:
                 self._in_batch = True
                 self._client_describe(m.Describe.decode(body), raw)
@@ -639,27 +670,23 @@ class Session:
             self._queue.append(Pending(Kind.SIMPLE, allow_all=True, record=record))
             self._to_server.append(bytes(raw))
             return
-        refusals = [d for d in verdict if isinstance(d, Refuse)]
-        if refusals or not verdict:
+        if verdict is self._last_decisions:
+            judged = self._last_verdict
+        else:
+            judged = Verdict.of(verdict)
+            self._last_decisions, self._last_verdict = verdict, judged
+        refusal = judged.refusal
+        if refusal is not None:
             # One refused statement refuses the whole string, as one failing statement fails
             # the whole of a simple query.
-            refusal = (
-                refusals[0]
-                if refusals
-                else Refuse(
-                    "0A000",
-                    "topeng: the query has no statements Topeng could judge",
-                    reason="unsupported",
-                )
-            )
             self._counters.refused += 1
             record.refused(refusal)
             self._queue.append(Pending(Kind.SIMPLE, refusal=refusal, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
             return
-        if any(isinstance(d, Mask) for d in verdict):
+        if judged.masks:
             self._counters.masked += 1
-        record.decision, record.labels = _summary(verdict)
+        record.decision, record.labels = judged.decision, judged.labels
         self._queue.append(Pending(Kind.SIMPLE, decisions=verdict, record=record))
         self._to_server.append(bytes(raw))
 
@@ -689,16 +716,18 @@ class Session:
         self._queue.append(pending)
         self._to_server.append(bytes(raw))
 
-    def _client_bind(self, bind: m.Bind, raw: memoryview) -> None:
-        stmt = self._statements.get(bind.statement)
+    def _client_bind(
+        self, portal_name: str, statement: str, result_formats: tuple[int, ...], raw: memoryview
+    ) -> None:
+        stmt = self._statements.get(statement)
         if stmt is None:
             # The server knows no such statement either (or Topeng refused it): the server's
             # own error is what the client should see.
-            self._queue.append(Pending(Kind.BIND, portal_name=bind.portal))
+            self._queue.append(Pending(Kind.BIND, portal_name=portal_name))
             self._to_server.append(bytes(raw))
             return
-        portal = Portal(bind.portal, stmt, bind.result_formats)
-        self._portals[bind.portal] = portal
+        portal = Portal(portal_name, stmt, result_formats)
+        self._portals[portal_name] = portal
         self._queue.append(Pending(Kind.BIND, statement=stmt, portal=portal))
         self._to_server.append(bytes(raw))
 
@@ -751,7 +780,10 @@ class Session:
             if isinstance(portal.statement.decision, Refuse):
                 record.refused(portal.statement.decision)
             else:
-                record.decision, record.labels = _summary(portal.statement.decision)
+                decision = portal.statement.decision
+                if decision is not self._last_executed:
+                    self._last_executed, self._last_summary = decision, _summary(decision)
+                record.decision, record.labels = self._last_summary
         self._queue.append(
             Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal, record=record)
         )

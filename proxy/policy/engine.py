@@ -254,12 +254,8 @@ class RestrictedPolicy:
         ] = {}
         # Whether any rate of the role draws on statements: without one, nothing is charged
         # and an Execute needs no look at the statement's facts.
-        self._rated = bool(
-            role.max_queries_per_minute
-            or role.max_rows_per_minute
-            or role.max_rows_per_hour
-            or self._lookup_labels
-        )
+        self._row_rated = bool(role.max_rows_per_minute or role.max_rows_per_hour)
+        self._rated = bool(role.max_queries_per_minute or self._row_rated or self._lookup_labels)
         timeout_ms = role.statement_timeout_ms
         self.statement_timeout: float | None = timeout_ms / 1000 if timeout_ms else None
 
@@ -485,7 +481,7 @@ class RestrictedPolicy:
 
     def row_limit(self, decision: Decision) -> RowLimit | None:
         limiter = self.limiter
-        if limiter is None:
+        if limiter is None or not self._row_rated:
             return self._row_limit
         per_query = self.role.max_rows_per_query
         best: tuple[int, str, int, int] | None = None  # rows left, rule, limit, window
@@ -511,7 +507,7 @@ class RestrictedPolicy:
         return RowLimit(left, refusal=refusal)
 
     def rows_sent(self, decision: Decision, rows: int) -> None:
-        if self.limiter is None or rows <= 0:
+        if self.limiter is None or rows <= 0 or not self._row_rated:
             return
         for _, _, window in self._row_windows():
             self.limiter.add(f"rows:{self.user}", window, rows)

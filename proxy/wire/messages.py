@@ -134,6 +134,54 @@ def _fast_int16s(b: bytes, pos: int) -> tuple[tuple[int, ...], int]:
     return struct.unpack_from(f"!{n}h", b, pos), pos + 2 * n
 
 
+def _read_bind(
+    b: bytes, *, keep_params: bool
+) -> tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]] | None:
+    """The fields of a well-formed Bind body (parameter values only if `keep_params`), or None
+    for anything else: the checked decoder then says what is wrong."""
+    try:
+        end = b.index(0)
+        portal = b[:end].decode("utf-8")
+        pos = b.index(0, end + 1)
+        statement = b[end + 1 : pos].decode("utf-8")
+        pos += 1
+        param_formats, pos = _fast_int16s(b, pos)
+        (n,) = _I16.unpack_from(b, pos)
+        pos += 2
+        if n < 0:
+            return None
+        params: list[bytes | None] = []
+        for _ in range(n):
+            (size,) = _I32.unpack_from(b, pos)
+            pos += 4
+            if size == -1:
+                if keep_params:
+                    params.append(None)
+                continue
+            if size < 0 or pos + size > len(b):
+                return None
+            if keep_params:
+                params.append(b[pos : pos + size])
+            pos += size
+        result_formats, pos = _fast_int16s(b, pos)
+    except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+        return None
+    if pos != len(b):
+        return None
+    return portal, statement, param_formats, tuple(params), result_formats
+
+
+def bind_target(body: Body) -> tuple[str, str, tuple[int, ...]]:
+    """(portal, statement, result formats) of a Bind body, read as strictly as Bind.decode
+    reads them, without keeping the parameter values."""
+    b = body if type(body) is bytes else bytes(body)
+    read = _read_bind(b, keep_params=False)
+    if read is not None:
+        return read[0], read[1], read[4]
+    bind = Bind._decode_checked(b)  # raises, saying what is wrong
+    return bind.portal, bind.statement, bind.result_formats
+
+
 # Describe / Close kinds by byte.
 _KINDS = {ord("S"): "S", ord("P"): "P"}
 
@@ -231,33 +279,9 @@ class Bind:
     @classmethod
     def decode(cls, body: Body) -> Bind:
         b = body if type(body) is bytes else bytes(body)
-        try:
-            end = b.index(0)
-            portal = b[:end].decode("utf-8")
-            pos = b.index(0, end + 1)
-            statement = b[end + 1 : pos].decode("utf-8")
-            pos += 1
-            param_formats, pos = _fast_int16s(b, pos)
-            (n,) = _I16.unpack_from(b, pos)
-            pos += 2
-            if n < 0:
-                raise ValueError
-            params: list[bytes | None] = []
-            for _ in range(n):
-                (size,) = _I32.unpack_from(b, pos)
-                pos += 4
-                if size == -1:
-                    params.append(None)
-                    continue
-                if size < 0 or pos + size > len(b):
-                    raise ValueError
-                params.append(b[pos : pos + size])
-                pos += size
-            result_formats, pos = _fast_int16s(b, pos)
-            if pos == len(b):
-                return cls(portal, statement, param_formats, tuple(params), result_formats)
-        except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
-            pass
+        read = _read_bind(b, keep_params=True)
+        if read is not None:
+            return cls(*read)
         return cls._decode_checked(b)
 
     @classmethod

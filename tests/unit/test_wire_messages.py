@@ -460,3 +460,16 @@ def test_fast_decoders_agree_with_the_checked_ones(cls: Any, data: Any, noise: b
         assert fast == _outcome(cls._decode_checked, candidate)
         assert _outcome(cls.decode, memoryview(candidate)) == fast
     assert cls.decode(body) == msg
+
+
+@given(msg=FAST[m.Bind], data=st.data())
+@HYP
+def test_bind_target_reads_what_bind_decode_reads(msg: m.Bind, data: Any) -> None:
+    body = msg.encode()[5:]
+    cut = data.draw(st.integers(0, len(body)))
+    for candidate in (body, body[:cut], body + b"\0"):
+        bind = _outcome(m.Bind.decode, candidate)
+        expected = (
+            (bind.portal, bind.statement, bind.result_formats) if isinstance(bind, m.Bind) else bind
+        )
+        assert _outcome(m.bind_target, candidate) == expected
