@@ -397,8 +397,8 @@ class Session:
         self._server = MessageReader(server_limits)
         self._client_scan: MessageScanner | None = None
         self._server_scan: MessageScanner | None = None
-        self._to_client: list[bytes] = []
-        self._to_server: list[bytes] = []
+        self._to_client: list[bytes | memoryview] = []
+        self._to_server: list[bytes | memoryview] = []
         self._held_ready: bytes | None = None
         self._held_client: list[bytes] = []
         self._queue: deque[Pending] = deque()
@@ -602,16 +602,16 @@ class Session:
                 if mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
                     if mtype != COPY_DATA:
                         self._copy_in = False
-                    out.append(bytes(raw))
+                    out.append(raw)
                     continue
                 if mtype in (S, H):
                     # PostgreSQL ignores Sync and Flush during COPY FROM STDIN.
-                    out.append(bytes(raw))
+                    out.append(raw)
                     continue
             if self._skipping and mtype not in (S, X):
                 # After an extended-protocol error the server discards everything up to the
                 # client's next Sync: so nothing is judged or expected of these.
-                out.append(bytes(raw))
+                out.append(raw)
                 continue
             if mtype == Q:
                 self._client_query(m.Query.decode(body), raw)
@@ -634,14 +634,14 @@ class Session:
                 self._queue.append(Pending(Kind.SYNC))
                 self._in_batch = False
                 self._skipping = False
-                out.append(bytes(raw))
+                out.append(raw)
             elif mtype == H:
-                out.append(bytes(raw))
+                out.append(raw)
             elif mtype == F:
                 self._client_function_call(m.FunctionCall.decode(body), raw)
             elif mtype == X:
                 self._terminated = True
-                out.append(bytes(raw))
+                out.append(raw)
                 break
             elif mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
                 # Not in COPY IN as far as Topeng knows yet: the client may have sent its data
@@ -650,7 +650,7 @@ class Session:
                 if mtype != COPY_DATA:
                     self._queue.append(Pending(Kind.COPY_END))
                     self._copy_markers += 1
-                out.append(bytes(raw))
+                out.append(raw)
             else:
                 raise ProtocolViolation(f"unexpected message type {chr(mtype)!r}")
         return self.take_to_server()
@@ -668,7 +668,7 @@ class Session:
             return
         if isinstance(verdict, Allow):
             self._queue.append(Pending(Kind.SIMPLE, allow_all=True, record=record))
-            self._to_server.append(bytes(raw))
+            self._to_server.append(raw)
             return
         if verdict is self._last_decisions:
             judged = self._last_verdict
@@ -688,7 +688,7 @@ class Session:
             self._counters.masked += 1
         record.decision, record.labels = judged.decision, judged.labels
         self._queue.append(Pending(Kind.SIMPLE, decisions=verdict, record=record))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
         assert self.policy is not None
@@ -714,7 +714,7 @@ class Session:
             pending.statement = stmt
             pending.new_statement = True
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_bind(
         self, portal_name: str, statement: str, result_formats: tuple[int, ...], raw: memoryview
@@ -724,12 +724,12 @@ class Session:
             # The server knows no such statement either (or Topeng refused it): the server's
             # own error is what the client should see.
             self._queue.append(Pending(Kind.BIND, portal_name=portal_name))
-            self._to_server.append(bytes(raw))
+            self._to_server.append(raw)
             return
         portal = Portal(portal_name, stmt, result_formats)
         self._portals[portal_name] = portal
         self._queue.append(Pending(Kind.BIND, statement=stmt, portal=portal))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_describe(self, describe: m.Describe, raw: memoryview) -> None:
         if describe.kind == "S":
@@ -743,7 +743,7 @@ class Session:
                 portal.described = True
             pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=describe.name)
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
         portal = self._portals.get(execute.portal)
@@ -787,7 +787,7 @@ class Session:
         self._queue.append(
             Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal, record=record)
         )
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_close(self, close: m.Close, raw: memoryview) -> None:
         pending = Pending(Kind.CLOSE)
@@ -799,7 +799,7 @@ class Session:
         else:
             pending.portal = self._portals.get(close.name)
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_function_call(self, call: m.FunctionCall, raw: memoryview) -> None:
         assert self.policy is not None
@@ -812,7 +812,7 @@ class Session:
             self._to_server.append(m.FunctionCall(0).encode())
             return
         self._queue.append(Pending(Kind.FUNCTION, record=record))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     # ------------------------------------------------------------------ server side
 
@@ -1198,7 +1198,7 @@ class Session:
                 self._queue.append(Pending(Kind.POISON))
                 self._to_server.append(m.Query(POISON_SQL).encode())
                 return
-            out.append(bytes(raw))
+            out.append(raw)
             return
         if kind is Kind.SIMPLE:
             self._simple_reply(head, mtype, body, raw)
@@ -1258,7 +1258,7 @@ class Session:
             raise ProtocolViolation(
                 f"unexpected message {chr(mtype)!r} from server while waiting for {kind.value}"
             )
-        out.append(bytes(raw))
+        out.append(raw)
 
     def _end_result(self, head: Pending, mtype: int, body: memoryview) -> bytes | None:
         """The end of a result (CommandComplete, EmptyQueryResponse, PortalSuspended, or an
@@ -1481,7 +1481,7 @@ class Session:
                 return
         else:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
-        self._to_client.append(bytes(raw))
+        self._to_client.append(raw)
 
     def _row_description(self, body: memoryview) -> tuple[m.RowDescription, tuple[int, ...]]:
         """The RowDescription of these bytes and the format of each column it names."""
