@@ -125,6 +125,11 @@ EXTENDED = frozenset(
 )
 
 
+# Entries whose reply group ends with ReadyForQuery.
+GROUP_ENDS = frozenset({Kind.SIMPLE, Kind.SYNC, Kind.FUNCTION})
+DESCRIBES = frozenset({Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL})
+
+
 class RowRewriter(Protocol):
     """Rewrites one DataRow body; returns the whole new message."""
 
@@ -1177,11 +1182,7 @@ class Session:
         if mtype == READY:
             status = m.ReadyForQuery.decode(body).status
             # Entries skipped after an error never got replies: drop them up to this one.
-            while self._queue and self._queue[0].kind not in (
-                Kind.SIMPLE,
-                Kind.SYNC,
-                Kind.FUNCTION,
-            ):
+            while self._queue and self._queue[0].kind not in GROUP_ENDS:
                 self._pop()
             if not self._queue:
                 raise ProtocolViolation("server said ReadyForQuery when none was expected")
@@ -1220,10 +1221,7 @@ class Session:
             self._pop()
         elif kind is Kind.DESCRIBE_STATEMENT and mtype == PARAM_DESC:
             pass  # RowDescription or NoData follows
-        elif kind in (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL) and mtype in (
-            ROW_DESC,
-            NO_DATA,
-        ):
+        elif kind in DESCRIBES and mtype in (ROW_DESC, NO_DATA):
             desc = self._row_description(body)[0] if mtype == ROW_DESC else NO_COLUMNS
             if head.statement is not None:
                 head.statement.description = desc
