@@ -85,6 +85,32 @@ class SessionEnded(Exception):
     """Raised inside a connection's startup when it is over; the message was already sent."""
 
 
+class _RoleMetrics:
+    """The per-statement metric children of one role, looked up once a session (`labels()`
+    takes a lock and builds a key every time). A child is made when first used, so series
+    appear exactly when they did before."""
+
+    __slots__ = ("role", "duration", "_queries", "_refusals")
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.duration = metrics.QUERY_DURATION.labels(role)
+        self._queries: dict[str, Any] = {}
+        self._refusals: dict[str, Any] = {}
+
+    def statement(self, decision: str, reason: str | None) -> None:
+        counter = self._queries.get(decision)
+        if counter is None:
+            counter = self._queries[decision] = metrics.QUERIES.labels(self.role, decision)
+        counter.inc()
+        if decision == "refused":
+            why = reason or "policy"
+            refusals = self._refusals.get(why)
+            if refusals is None:
+                refusals = self._refusals[why] = metrics.REFUSALS.labels(self.role, why)
+            refusals.inc()
+
+
 class Connection:
     """One client and its upstream connection."""
 
@@ -110,6 +136,7 @@ class Connection:
         self._masker: MaskCounts | None = None  # latest result's, counts not yet flushed
         self._cancelling: asyncio.Task[Any] | None = None  # a cancel on its way to the server
         self._held_client: list[bytes] = []  # client data waiting for that cancel
+        self._children: _RoleMetrics | None = None  # the role's metric children, once known
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -553,13 +580,15 @@ class Connection:
         session = self.session
         assert session is not None
         records, session.records = session.records, []
-        role = self.role
+        if not records:
+            return
+        children = self._children
+        if children is None or children.role != self.role:
+            children = self._children = _RoleMetrics(self.role)
         audit = self.proxy.audit
         for record in records:
-            metrics.QUERIES.labels(role, record.decision).inc()
-            if record.decision == "refused":
-                metrics.REFUSALS.labels(role, record.reason or "policy").inc()
-            metrics.QUERY_DURATION.labels(role).observe(max(0.0, record.finished - record.started))
+            children.statement(record.decision, record.reason)
+            children.duration.observe(max(0.0, record.finished - record.started))
             if audit is not None and self.context is not None:
                 audit.statement(self.context, record)
 

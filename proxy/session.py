@@ -63,6 +63,9 @@ COPY_IN, COPY_OUT, COPY_BOTH, FUNC_RESULT, NEGOTIATE = (ord(c) for c in "GHWVv")
 POISON_SQL = "TOPENG_REFUSED"
 POISON_NAME = "topeng_refused\x01"  # no client can have created a statement of this name
 
+# What NoData describes: a statement that returns no columns.
+NO_COLUMNS = m.RowDescription(())
+
 # Extended-protocol messages: a batch of them is open until a Sync.
 BATCH_TYPES = frozenset((P, B, DESC, E, CLOSE, H))
 
@@ -121,6 +124,11 @@ EXTENDED = frozenset(
         Kind.CLOSE,
     }
 )
+
+
+# Entries whose reply group ends with ReadyForQuery.
+GROUP_ENDS = frozenset({Kind.SIMPLE, Kind.SYNC, Kind.FUNCTION})
+DESCRIBES = frozenset({Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL})
 
 
 class RowRewriter(Protocol):
@@ -310,6 +318,31 @@ def _summary(verdict: Decision | tuple[Decision, ...]) -> tuple[str, tuple[str, 
     return ("masked" if labels else "allowed"), tuple(labels)
 
 
+NO_STATEMENTS = Refuse(
+    "0A000", "topeng: the query has no statements Topeng could judge", reason="unsupported"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a Query's decisions come to: the refusal of the whole (the first refused statement,
+    or NO_STATEMENTS), whether any statement masks, and the record's decision and labels."""
+
+    refusal: Refuse | None
+    masks: bool
+    decision: str
+    labels: tuple[str, ...]
+
+    @classmethod
+    def of(cls, decisions: tuple[Decision, ...]) -> Verdict:
+        refusal = next((d for d in decisions if isinstance(d, Refuse)), None)
+        if refusal is None and not decisions:
+            refusal = NO_STATEMENTS
+        decision, labels = _summary(decisions)
+        masks = any(isinstance(d, Mask) for d in decisions)
+        return cls(refusal, masks, decision, labels)
+
+
 @dataclass(slots=True)
 class Pending:
     kind: Kind
@@ -379,14 +412,23 @@ class Session:
         self._server = MessageReader(server_limits)
         self._client_scan: MessageScanner | None = None
         self._server_scan: MessageScanner | None = None
-        self._to_client: list[bytes] = []
-        self._to_server: list[bytes] = []
+        self._to_client: list[bytes | memoryview] = []
+        self._to_server: list[bytes | memoryview] = []
         self._held_ready: bytes | None = None
         self._held_client: list[bytes] = []
         self._queue: deque[Pending] = deque()
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
+        # RowDescriptions by their exact bytes, each with the formats it names: a statement
+        # run again gets the same object, on which the policy may remember its verdict.
+        self._descriptions: dict[bytes, tuple[m.RowDescription, tuple[int, ...]]] = {}
+        # The last Query's decisions and what they come to; the last Execute's decision and
+        # its record's summary (a policy hands a repeated statement the same objects).
+        self._last_decisions: tuple[Decision, ...] | None = None
+        self._last_verdict = Verdict.of(())
+        self._last_executed: Decision | None = None
+        self._last_summary: tuple[str, tuple[str, ...]] = ("allowed", ())
         self._copy_in = False
         self._ignored_syncs = 0  # fast mode: Syncs the server ignored inside COPY FROM STDIN
         self._in_batch = False  # tracked mode: extended-protocol messages sent since the Sync
@@ -575,16 +617,16 @@ class Session:
                 if mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
                     if mtype != COPY_DATA:
                         self._copy_in = False
-                    out.append(bytes(raw))
+                    out.append(raw)
                     continue
                 if mtype in (S, H):
                     # PostgreSQL ignores Sync and Flush during COPY FROM STDIN.
-                    out.append(bytes(raw))
+                    out.append(raw)
                     continue
             if self._skipping and mtype not in (S, X):
                 # After an extended-protocol error the server discards everything up to the
                 # client's next Sync: so nothing is judged or expected of these.
-                out.append(bytes(raw))
+                out.append(raw)
                 continue
             if mtype == Q:
                 self._client_query(m.Query.decode(body), raw)
@@ -593,7 +635,7 @@ class Session:
                 self._client_parse(m.Parse.decode(body), raw)
             elif mtype == B:
                 self._in_batch = True
-                self._client_bind(m.Bind.decode(body), raw)
+                self._client_bind(*m.bind_target(body), raw)
             elif mtype == DESC:
                 self._in_batch = True
                 self._client_describe(m.Describe.decode(body), raw)
@@ -607,14 +649,14 @@ class Session:
                 self._queue.append(Pending(Kind.SYNC))
                 self._in_batch = False
                 self._skipping = False
-                out.append(bytes(raw))
+                out.append(raw)
             elif mtype == H:
-                out.append(bytes(raw))
+                out.append(raw)
             elif mtype == F:
                 self._client_function_call(m.FunctionCall.decode(body), raw)
             elif mtype == X:
                 self._terminated = True
-                out.append(bytes(raw))
+                out.append(raw)
                 break
             elif mtype in (COPY_DATA, COPY_DONE, COPY_FAIL):
                 # Not in COPY IN as far as Topeng knows yet: the client may have sent its data
@@ -623,7 +665,7 @@ class Session:
                 if mtype != COPY_DATA:
                     self._queue.append(Pending(Kind.COPY_END))
                     self._copy_markers += 1
-                out.append(bytes(raw))
+                out.append(raw)
             else:
                 raise ProtocolViolation(f"unexpected message type {chr(mtype)!r}")
         return self.take_to_server()
@@ -641,31 +683,27 @@ class Session:
             return
         if isinstance(verdict, Allow):
             self._queue.append(Pending(Kind.SIMPLE, allow_all=True, record=record))
-            self._to_server.append(bytes(raw))
+            self._to_server.append(raw)
             return
-        refusals = [d for d in verdict if isinstance(d, Refuse)]
-        if refusals or not verdict:
+        if verdict is self._last_decisions:
+            judged = self._last_verdict
+        else:
+            judged = Verdict.of(verdict)
+            self._last_decisions, self._last_verdict = verdict, judged
+        refusal = judged.refusal
+        if refusal is not None:
             # One refused statement refuses the whole string, as one failing statement fails
             # the whole of a simple query.
-            refusal = (
-                refusals[0]
-                if refusals
-                else Refuse(
-                    "0A000",
-                    "topeng: the query has no statements Topeng could judge",
-                    reason="unsupported",
-                )
-            )
             self._counters.refused += 1
             record.refused(refusal)
             self._queue.append(Pending(Kind.SIMPLE, refusal=refusal, record=record))
             self._to_server.append(m.Query(POISON_SQL).encode())
             return
-        if any(isinstance(d, Mask) for d in verdict):
+        if judged.masks:
             self._counters.masked += 1
-        record.decision, record.labels = _summary(verdict)
+        record.decision, record.labels = judged.decision, judged.labels
         self._queue.append(Pending(Kind.SIMPLE, decisions=verdict, record=record))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
         assert self.policy is not None
@@ -691,20 +729,22 @@ class Session:
             pending.statement = stmt
             pending.new_statement = True
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
-    def _client_bind(self, bind: m.Bind, raw: memoryview) -> None:
-        stmt = self._statements.get(bind.statement)
+    def _client_bind(
+        self, portal_name: str, statement: str, result_formats: tuple[int, ...], raw: memoryview
+    ) -> None:
+        stmt = self._statements.get(statement)
         if stmt is None:
             # The server knows no such statement either (or Topeng refused it): the server's
             # own error is what the client should see.
-            self._queue.append(Pending(Kind.BIND, portal_name=bind.portal))
-            self._to_server.append(bytes(raw))
+            self._queue.append(Pending(Kind.BIND, portal_name=portal_name))
+            self._to_server.append(raw)
             return
-        portal = Portal(bind.portal, stmt, bind.result_formats)
-        self._portals[bind.portal] = portal
+        portal = Portal(portal_name, stmt, result_formats)
+        self._portals[portal_name] = portal
         self._queue.append(Pending(Kind.BIND, statement=stmt, portal=portal))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_describe(self, describe: m.Describe, raw: memoryview) -> None:
         if describe.kind == "S":
@@ -718,7 +758,7 @@ class Session:
                 portal.described = True
             pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=describe.name)
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
         portal = self._portals.get(execute.portal)
@@ -755,11 +795,14 @@ class Session:
             if isinstance(portal.statement.decision, Refuse):
                 record.refused(portal.statement.decision)
             else:
-                record.decision, record.labels = _summary(portal.statement.decision)
+                decision = portal.statement.decision
+                if decision is not self._last_executed:
+                    self._last_executed, self._last_summary = decision, _summary(decision)
+                record.decision, record.labels = self._last_summary
         self._queue.append(
             Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal, record=record)
         )
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_close(self, close: m.Close, raw: memoryview) -> None:
         pending = Pending(Kind.CLOSE)
@@ -771,7 +814,7 @@ class Session:
         else:
             pending.portal = self._portals.get(close.name)
         self._queue.append(pending)
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     def _client_function_call(self, call: m.FunctionCall, raw: memoryview) -> None:
         assert self.policy is not None
@@ -784,7 +827,7 @@ class Session:
             self._to_server.append(m.FunctionCall(0).encode())
             return
         self._queue.append(Pending(Kind.FUNCTION, record=record))
-        self._to_server.append(bytes(raw))
+        self._to_server.append(raw)
 
     # ------------------------------------------------------------------ server side
 
@@ -1178,11 +1221,7 @@ class Session:
         if mtype == READY:
             status = m.ReadyForQuery.decode(body).status
             # Entries skipped after an error never got replies: drop them up to this one.
-            while self._queue and self._queue[0].kind not in (
-                Kind.SIMPLE,
-                Kind.SYNC,
-                Kind.FUNCTION,
-            ):
+            while self._queue and self._queue[0].kind not in GROUP_ENDS:
                 self._pop()
             if not self._queue:
                 raise ProtocolViolation("server said ReadyForQuery when none was expected")
@@ -1199,7 +1238,7 @@ class Session:
                 self._queue.append(Pending(Kind.POISON))
                 self._to_server.append(m.Query(POISON_SQL).encode())
                 return
-            out.append(bytes(raw))
+            out.append(raw)
             return
         if kind is Kind.SIMPLE:
             self._simple_reply(head, mtype, body, raw)
@@ -1221,11 +1260,8 @@ class Session:
             self._pop()
         elif kind is Kind.DESCRIBE_STATEMENT and mtype == PARAM_DESC:
             pass  # RowDescription or NoData follows
-        elif kind in (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL) and mtype in (
-            ROW_DESC,
-            NO_DATA,
-        ):
-            desc = m.RowDescription.decode(body) if mtype == ROW_DESC else m.RowDescription(())
+        elif kind in DESCRIBES and mtype in (ROW_DESC, NO_DATA):
+            desc = self._row_description(body)[0] if mtype == ROW_DESC else NO_COLUMNS
             if head.statement is not None:
                 head.statement.description = desc
             if head.portal is not None:
@@ -1259,7 +1295,7 @@ class Session:
             raise ProtocolViolation(
                 f"unexpected message {chr(mtype)!r} from server while waiting for {kind.value}"
             )
-        out.append(bytes(raw))
+        out.append(raw)
 
     def _end_result(self, head: Pending, mtype: int, body: memoryview) -> bytes | None:
         """The end of a result (CommandComplete, EmptyQueryResponse, PortalSuspended, or an
@@ -1455,13 +1491,13 @@ class Session:
 
     def _simple_reply(self, head: Pending, mtype: int, body: memoryview, raw: memoryview) -> None:
         if mtype == ROW_DESC:
-            desc = m.RowDescription.decode(body)
+            desc, formats = self._row_description(body)
             decision: Decision | None = ALLOW if head.allow_all else None
             if head.index < len(head.decisions):
                 decision = head.decisions[head.index]
             if decision is None:
                 raise ProtocolViolation("more result sets than statements")
-            self._start_result(decision, desc, tuple(f.format for f in desc.fields))
+            self._start_result(decision, desc, formats)
         elif mtype in (CMD_COMPLETE, EMPTY_QUERY):
             if mtype == CMD_COMPLETE and bytes(body).startswith(DDL_TAGS):
                 self.schema_changed = True
@@ -1482,7 +1518,19 @@ class Session:
                 return
         else:
             raise ProtocolViolation(f"unexpected message {chr(mtype)!r} in a simple query")
-        self._to_client.append(bytes(raw))
+        self._to_client.append(raw)
+
+    def _row_description(self, body: memoryview) -> tuple[m.RowDescription, tuple[int, ...]]:
+        """The RowDescription of these bytes and the format of each column it names."""
+        key = body.tobytes()
+        found = self._descriptions.get(key)
+        if found is None:
+            desc = m.RowDescription.decode(key)
+            found = (desc, tuple(f.format for f in desc.fields))
+            if len(self._descriptions) >= 64:
+                self._descriptions.clear()
+            self._descriptions[key] = found
+        return found
 
     def _error(self, head: Pending, raw: memoryview, body: memoryview) -> None:
         refusal = head.refusal

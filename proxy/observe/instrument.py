@@ -35,6 +35,8 @@ def register_analysis_cache(cache: AnalysisCache) -> None:
     duration = metrics.ANALYSIS_DURATION
     size = metrics.ANALYSIS_CACHE_SIZE
 
+    entries = [len(cache)]  # what the size gauge says now
+
     @functools.wraps(inner)
     def analyze(*args: Any, **kwargs: Any) -> Any:
         hits, misses = cache.hits, cache.misses
@@ -47,8 +49,11 @@ def register_analysis_cache(cache: AnalysisCache) -> None:
                 hit.inc(cache.hits - hits)
             if cache.misses != misses:
                 miss.inc(cache.misses - misses)
-            size.set(len(cache))
+            now = len(cache)
+            if now != entries[0]:  # a hit changes nothing: set the gauge only when it moves
+                entries[0] = now
+                size.set(now)
 
     setattr(cache, "analyze", analyze)  # noqa: B010 - an instance attribute, on purpose
     setattr(cache, "_topeng_instrumented", True)  # noqa: B010
-    size.set(len(cache))
+    size.set(entries[0])

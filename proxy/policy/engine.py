@@ -232,6 +232,11 @@ class RestrictedPolicy:
         self.on_masked = on_masked
         self.prepared: dict[str, Decision] = {}
         self.cursors: dict[str, Decision] = {}
+        # The last statements judged (as the analysis cache keeps them) and their decisions.
+        self._last_judged: object = None
+        self._last_decisions: tuple[Decision, ...] = ()
+        # Facts of prepared statements' SQL, for charging rates at each Execute.
+        self._executed: dict[str, tuple[StatementFacts, ...]] = {}
 
     def _adopt(self, rules: Rules, role: Role) -> None:
         """Judge by these rules and this role from now on."""
@@ -244,6 +249,15 @@ class RestrictedPolicy:
             RowLimit(limit, truncate=role.on_row_limit == "truncate") if limit else None
         )
         self._protected_cache: dict[tuple[int, int], tuple[str, str] | None] = {}
+        # Results that pass unchanged under these rules: (description, decision) by their ids
+        # and the formats (see plan_rows).
+        self._passing: dict[
+            tuple[int, int, tuple[int, ...]], tuple[m.RowDescription, Decision]
+        ] = {}
+        # Whether any rate of the role draws on statements: without one, nothing is charged
+        # and an Execute needs no look at the statement's facts.
+        self._row_rated = bool(role.max_rows_per_minute or role.max_rows_per_hour)
+        self._rated = bool(role.max_queries_per_minute or self._row_rated or self._lookup_labels)
         timeout_ms = role.statement_timeout_ms
         self.statement_timeout: float | None = timeout_ms / 1000 if timeout_ms else None
 
@@ -263,6 +277,7 @@ class RestrictedPolicy:
         if role is None or role.unrestricted:
             # A restricted session never becomes unrestricted mid-way, nor guesses a new role.
             self.rules = rules
+            self._passing = {}
             self._gone = Refuse(
                 FEATURE_NOT_SUPPORTED,
                 f"topeng: role {name!r} changed in the rules since this session started",
@@ -293,13 +308,23 @@ class RestrictedPolicy:
         )
         if isinstance(judged, Refuse):
             return judged
-        if self.limiter is not None:
+        if self.limiter is not None and self._rated:
             refused = self._charge(sql, [facts for facts, _ in judged], commit=charge)
             if refused is not None:
                 return refused
+        if judged is self._last_judged:
+            # The same statements as last time (a cache hit of the same shape, decided under
+            # the same rules): the same decisions, and no name to remember.
+            return self._last_decisions
+        named = False
         for facts, decision in judged:
-            remember(facts, decision, self.prepared, self.cursors)
-        return tuple(decision for _, decision in judged)
+            if facts.name is not None:
+                named = True
+                remember(facts, decision, self.prepared, self.cursors)
+        decisions = tuple([decision for _, decision in judged])
+        if not named:
+            self._last_judged, self._last_decisions = judged, decisions
+        return decisions
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return self._judge(sql)
@@ -330,15 +355,29 @@ class RestrictedPolicy:
             decision = self.judge_parse(sql, ())
             if isinstance(decision, Refuse):
                 return decision, self.generation
-        if self.limiter is not None:
-            try:
-                facts = self.cache.analyze(sql, self.catalog, self.search_path)
-            except Exception:  # it was analysed at Parse; this is no rate question
+        if self.limiter is not None and self._rated:
+            facts = self._execute_facts(sql)
+            if facts is None:  # it was analysed at Parse; this is no rate question
                 return decision, self.generation
             refused = self._charge(sql, list(facts), commit=True)
             if refused is not None:
                 return refused, self.generation
         return decision, self.generation
+
+    def _execute_facts(self, sql: str) -> tuple[StatementFacts, ...] | None:
+        """The facts of a prepared statement's SQL under this session's catalog and path,
+        looked up once per statement text (an Execute repeats the text exactly)."""
+        found = self._executed.get(sql)
+        if found is not None:
+            return found
+        try:
+            facts = self.cache.analyze(sql, self.catalog, self.search_path)
+        except Exception:
+            return None
+        if len(self._executed) >= 256:
+            self._executed.clear()
+        self._executed[sql] = facts
+        return facts
 
     def judge_function_call(self, call: m.FunctionCall) -> Decision:
         return Refuse(
@@ -444,7 +483,7 @@ class RestrictedPolicy:
 
     def row_limit(self, decision: Decision) -> RowLimit | None:
         limiter = self.limiter
-        if limiter is None:
+        if limiter is None or not self._row_rated:
             return self._row_limit
         per_query = self.role.max_rows_per_query
         best: tuple[int, str, int, int] | None = None  # rows left, rule, limit, window
@@ -470,7 +509,7 @@ class RestrictedPolicy:
         return RowLimit(left, refusal=refusal)
 
     def rows_sent(self, decision: Decision, rows: int) -> None:
-        if self.limiter is None or rows <= 0:
+        if self.limiter is None or rows <= 0 or not self._row_rated:
             return
         for _, _, window in self._row_windows():
             self.limiter.add(f"rows:{self.user}", window, rows)
@@ -528,6 +567,26 @@ class RestrictedPolicy:
         return found
 
     def plan_rows(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> RowRewriter | Refuse | None:
+        """The plan of one result. A result found to pass unchanged is remembered by the very
+        description and decision objects (the session hands over one RowDescription object per
+        distinct message) and the formats; the memo is emptied whenever the rules change, so a
+        repeated statement is not checked again against the same rules, but every other one
+        is."""
+        key = (id(description), id(decision), formats)
+        known = self._passing.get(key)
+        if known is not None and known[0] is description and known[1] is decision:
+            return None
+        planned = self._plan_rows(decision, description, formats)
+        if planned is None:
+            if len(self._passing) >= 128:
+                self._passing.clear()
+            # Holding both objects keeps their ids theirs while the entry lives.
+            self._passing[key] = (description, decision)
+        return planned
+
+    def _plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
     ) -> RowRewriter | Refuse | None:
         if isinstance(decision, Refuse):

@@ -164,11 +164,20 @@ class StartupReader(_Buffer):
 class MessageReader(_Buffer):
     """Frames typed messages; `next_message()` returns `(type, body)` or None for more data."""
 
-    __slots__ = ("limits",)
+    __slots__ = ("limits", "_longest", "_view")
 
     def __init__(self, limits: Limits) -> None:
         super().__init__()
         self.limits = limits
+        # The longest acceptable length field by type (-1: type not allowed), so that an
+        # acceptable header costs one comparison; anything else goes to limits.check.
+        self._longest = tuple(
+            (limits.small_limit if t in limits.small_types else limits.max_message) + 4
+            if t in limits.allowed_types
+            else -1
+            for t in range(256)
+        )
+        self._view = memoryview(b"")  # of the buffer being read
 
     def next_message(self) -> tuple[int, memoryview] | None:
         msg = self.next_raw()
@@ -184,7 +193,8 @@ class MessageReader(_Buffer):
             buf = self._buf
             pos = self._pos
         mtype, length = TYPED_HEADER.unpack_from(buf, pos)
-        self.limits.check(mtype, length)
+        if not 4 <= length <= self._longest[mtype]:
+            self.limits.check(mtype, length)  # raises, saying what is wrong
         end = pos + 1 + length
         if end > len(buf):
             if not self._fill(1 + length):
@@ -193,7 +203,9 @@ class MessageReader(_Buffer):
             pos = self._pos
             end = pos + 1 + length
         self._pos = end
-        view = memoryview(buf)
+        view = self._view
+        if view.obj is not buf:
+            view = self._view = memoryview(buf)
         return mtype, view[pos + 5 : end], view[pos:end]
 
     def max_length(self, mtype: int) -> int:

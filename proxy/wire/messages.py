@@ -119,6 +119,73 @@ def _read_int16s(c: Cursor) -> tuple[int, ...]:
     return tuple(c.int16() for _ in range(n))
 
 
+def _fast_int16s(b: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """A count and that many int16s at `pos` (struct.error if short, ValueError if negative),
+    and the position after them: the unchecked path of the decoders, whose checked path
+    (Cursor) names what is wrong."""
+    (n,) = _I16.unpack_from(b, pos)
+    pos += 2
+    if n == 0:
+        return (), pos
+    if n < 0:
+        raise ValueError
+    if n == 1:
+        return _I16.unpack_from(b, pos), pos + 2
+    return struct.unpack_from(f"!{n}h", b, pos), pos + 2 * n
+
+
+def _read_bind(
+    b: bytes, *, keep_params: bool
+) -> tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]] | None:
+    """The fields of a well-formed Bind body (parameter values only if `keep_params`), or None
+    for anything else: the checked decoder then says what is wrong."""
+    try:
+        end = b.index(0)
+        portal = b[:end].decode("utf-8")
+        pos = b.index(0, end + 1)
+        statement = b[end + 1 : pos].decode("utf-8")
+        pos += 1
+        param_formats, pos = _fast_int16s(b, pos)
+        (n,) = _I16.unpack_from(b, pos)
+        pos += 2
+        if n < 0:
+            return None
+        params: list[bytes | None] = []
+        for _ in range(n):
+            (size,) = _I32.unpack_from(b, pos)
+            pos += 4
+            if size == -1:
+                if keep_params:
+                    params.append(None)
+                continue
+            if size < 0 or pos + size > len(b):
+                return None
+            if keep_params:
+                params.append(b[pos : pos + size])
+            pos += size
+        result_formats, pos = _fast_int16s(b, pos)
+    except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+        return None
+    if pos != len(b):
+        return None
+    return portal, statement, param_formats, tuple(params), result_formats
+
+
+def bind_target(body: Body) -> tuple[str, str, tuple[int, ...]]:
+    """(portal, statement, result formats) of a Bind body, read as strictly as Bind.decode
+    reads them, without keeping the parameter values."""
+    b = body if type(body) is bytes else bytes(body)
+    read = _read_bind(b, keep_params=False)
+    if read is not None:
+        return read[0], read[1], read[4]
+    bind = Bind._decode_checked(b)  # raises, saying what is wrong
+    return bind.portal, bind.statement, bind.result_formats
+
+
+# Describe / Close kinds by byte.
+_KINDS = {ord("S"): "S", ord("P"): "P"}
+
+
 def _values(values: Sequence[bytes | None]) -> bytes:
     parts = [_I16.pack(len(values))]
     for v in values:
@@ -151,6 +218,17 @@ class Query:
 
     @classmethod
     def decode(cls, body: Body) -> Query:
+        b = body if type(body) is bytes else bytes(body)
+        end = len(b) - 1
+        if end >= 0 and b.find(0) == end:
+            try:
+                return cls(b[:end].decode("utf-8"))
+            except UnicodeDecodeError:
+                pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Query:
         c = Cursor(body, "Query")
         sql = c.cstring()
         c.done()
@@ -200,6 +278,14 @@ class Bind:
 
     @classmethod
     def decode(cls, body: Body) -> Bind:
+        b = body if type(body) is bytes else bytes(body)
+        read = _read_bind(b, keep_params=True)
+        if read is not None:
+            return cls(*read)
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Bind:
         c = Cursor(body, "Bind")
         portal = c.cstring()
         statement = c.cstring()
@@ -237,6 +323,19 @@ class Describe:
 
     @classmethod
     def decode(cls, body: Body) -> Describe:
+        b = body if type(body) is bytes else bytes(body)
+        last = len(b) - 1
+        if last >= 1 and b.find(0, 1) == last:
+            kind = _KINDS.get(b[0])
+            if kind is not None:
+                try:
+                    return cls(kind, b[1:last].decode("utf-8"))
+                except UnicodeDecodeError:
+                    pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Describe:
         c = Cursor(body, "Describe")
         kind = chr(c.byte())
         if kind not in "SP":
@@ -257,6 +356,17 @@ class Execute:
 
     @classmethod
     def decode(cls, body: Body) -> Execute:
+        b = body if type(body) is bytes else bytes(body)
+        end = b.find(0)
+        if end >= 0 and len(b) == end + 5:
+            try:
+                return cls(b[:end].decode("utf-8"), _I32.unpack_from(b, end + 1)[0])
+            except UnicodeDecodeError:
+                pass
+        return cls._decode_checked(b)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> Execute:
         c = Cursor(body, "Execute")
         portal = c.cstring()
         max_rows = c.int32()
@@ -427,6 +537,14 @@ class ReadyForQuery:
 
     @classmethod
     def decode(cls, body: Body) -> ReadyForQuery:
+        if len(body) == 1:
+            known = _READY.get(body[0])
+            if known is not None:
+                return known
+        return cls._decode_checked(body)
+
+    @classmethod
+    def _decode_checked(cls, body: Body) -> ReadyForQuery:
         c = Cursor(body, "ReadyForQuery")
         status = chr(c.byte())
         c.done()
@@ -436,6 +554,10 @@ class ReadyForQuery:
 
     def encode(self) -> bytes:
         return frame(self.TYPE, self.status.encode())
+
+
+# The three ReadyForQuery messages, by status byte (they are immutable: decode hands them out).
+_READY = {ord(s): ReadyForQuery(s) for s in "ITE"}
 
 
 @dataclass(frozen=True, slots=True)

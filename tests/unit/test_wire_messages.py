@@ -415,3 +415,61 @@ def test_cursor_reads_signed_and_unsigned() -> None:
 def test_cursor_raw_negative() -> None:
     with pytest.raises(ProtocolViolation, match="negative length"):
         m.Cursor(b"abc", "t").raw(-1)
+
+
+# --------------------------------------------------------------------------- fast decoders
+
+# Decoders with an unchecked fast path fall back to the checked (Cursor) one on anything odd.
+FAST = {
+    m.Query: st.builds(m.Query, sql=pg_text),
+    m.Bind: st.builds(
+        m.Bind,
+        portal=pg_text,
+        statement=pg_text,
+        param_formats=int16_lists,
+        params=bytes_values,
+        result_formats=int16_lists,
+    ),
+    m.Describe: st.builds(m.Describe, kind=st.sampled_from("SP"), name=pg_text),
+    m.Execute: st.builds(m.Execute, portal=pg_text, max_rows=int32s),
+    m.ReadyForQuery: st.builds(m.ReadyForQuery, status=st.sampled_from("ITE")),
+}
+
+
+def _outcome(decode: Any, body: bytes | memoryview) -> object:
+    try:
+        return decode(body)
+    except ProtocolViolation as exc:
+        return ("refused", str(exc))
+
+
+@pytest.mark.parametrize("cls", list(FAST), ids=[c.__name__ for c in FAST])
+@given(data=st.data(), noise=st.binary(max_size=40))
+@HYP
+def test_fast_decoders_agree_with_the_checked_ones(cls: Any, data: Any, noise: bytes) -> None:
+    """Valid bodies, their truncations, extensions and byte flips, and noise: the same message
+    or the same refusal either way."""
+    msg = data.draw(FAST[cls])
+    body = msg.encode()[5:]
+    cut = data.draw(st.integers(0, len(body)))
+    flipped = bytearray(body)
+    if flipped:
+        flipped[data.draw(st.integers(0, len(body) - 1))] ^= data.draw(st.integers(1, 255))
+    for candidate in (body, body[:cut], body + noise[:3], bytes(flipped), noise):
+        fast = _outcome(cls.decode, candidate)
+        assert fast == _outcome(cls._decode_checked, candidate)
+        assert _outcome(cls.decode, memoryview(candidate)) == fast
+    assert cls.decode(body) == msg
+
+
+@given(msg=FAST[m.Bind], data=st.data())
+@HYP
+def test_bind_target_reads_what_bind_decode_reads(msg: m.Bind, data: Any) -> None:
+    body = msg.encode()[5:]
+    cut = data.draw(st.integers(0, len(body)))
+    for candidate in (body, body[:cut], body + b"\0"):
+        bind = _outcome(m.Bind.decode, candidate)
+        expected = (
+            (bind.portal, bind.statement, bind.result_formats) if isinstance(bind, m.Bind) else bind
+        )
+        assert _outcome(m.bind_target, candidate) == expected
