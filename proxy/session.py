@@ -1111,7 +1111,7 @@ class Session:
             return
         rewriter = result.rewriter
         if rewriter is None:
-            self._to_client.append(bytes(raw))
+            self._to_client.append(raw)  # copied once, by take_to_client's join
         else:
             self._to_client.append(rewriter(body))
         # The DataRows right behind this one go in one step: up to the row limit, and never
@@ -1123,7 +1123,7 @@ class Session:
             if count:
                 rows += count
                 if rewriter is None:
-                    self._to_client.append(bytes(run))
+                    self._to_client.append(run)
                 else:
                     self._to_client.append(self._rewrite_run(rewriter, run))
         result.rows = rows
