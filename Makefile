@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 all: test
 
-$(STAMP): pyproject.toml
+# Reinstalled when the C masking loop changes, so the compiled module is never stale.
+$(STAMP): pyproject.toml proxy/policy/_splice.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,demo]'
