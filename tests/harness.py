@@ -368,6 +368,16 @@ def start_topeng(
     return topeng
 
 
+def wait_until(check: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    """Poll `check` until it returns something true; fail the test naming `what` after
+    `timeout` seconds (for what Topeng does in the background: metrics, cancels, Redis)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
 def needs_tool(reason: str) -> NoReturn:
     """A test that needs a program this machine lacks: skipped on a laptop, failed on CI (where
     .ci/run installs everything, so a missing tool is a broken install step)."""

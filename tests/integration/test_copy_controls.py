@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import PgServer, StartTopeng, TopengProcess
+from harness import PgServer, StartTopeng, TopengProcess, wait_until
 from psycopg import errors
-from test_metrics import scrape, value, wait_until
+from test_metrics import scrape, value
 
 from proxy.sampledata import DEMO_USERS
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import BANK_RULES, TopengProcess, free_port
+from harness import BANK_RULES, TopengProcess, free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.sampledata import DEMO_USERS
@@ -77,14 +76,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.1)
 
 
 def connect(proxy: TopengProcess, user: str) -> psycopg.Connection[tuple[object, ...]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import StartTopeng, TopengProcess, free_port, needs_tool
+from harness import StartTopeng, TopengProcess, free_port, needs_tool, wait_until
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS
@@ -220,15 +220,6 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
         server.stop()
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 def metric(proxy: TopengProcess, name: str) -> float | None:
     with urllib.request.urlopen(proxy.metrics_url + "/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -246,7 +237,7 @@ def test_two_topeng_processes_share_limits_through_redis(
     with connect(one, LOOKUP_USER) as a, connect(two, LOOKUP_USER) as b:
         for i in range(6):
             lookup(a, f"32730101010{i:05d}")
-        assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 6)
+        wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 6, "6 lookups counted in Redis")
         # The limit is 10 a minute: Topeng two, having learnt one's 6 at a sync (every 200
         # ms), allows 4 more. On a busy machine its sync may lag a lookup or two, never more;
         # alone it would have allowed all 10.
@@ -281,10 +272,10 @@ def test_limits_apply_locally_when_redis_stops(launch: Starter, redis_server: Re
     with connect(proxy, LOOKUP_USER) as conn:
         for i in range(4):
             lookup(conn, f"32730101010{i:05d}")
-        assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 4)
+        wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 4, "4 lookups counted in Redis")
         redis_server.stop()
-        assert wait_until(lambda: "applying limits locally" in proxy.stderr_text())
-        assert wait_until(lambda: metric(proxy, "topeng_limits_backend_up") == 0.0)
+        wait_until(lambda: "applying limits locally" in proxy.stderr_text(), "the local fallback")
+        wait_until(lambda: metric(proxy, "topeng_limits_backend_up") == 0.0, "backend down")
         # still limited, never unlimited: 6 more fit, the 11th lookup of the minute does not
         for i in range(4, 10):
             lookup(conn, f"32730101010{i:05d}")
@@ -294,6 +285,6 @@ def test_limits_apply_locally_when_redis_stops(launch: Starter, redis_server: Re
         # Redis comes back (empty: it keeps nothing on disk): Topeng reconnects and pushes
         # the 6 lookups it counted meanwhile
         redis_server.start()
-        assert wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 6)
-        assert wait_until(lambda: metric(proxy, "topeng_limits_backend_up") == 1.0)
+        wait_until(lambda: redis_server.lookups(LOOKUP_USER) == 6, "6 lookups counted in Redis")
+        wait_until(lambda: metric(proxy, "topeng_limits_backend_up") == 1.0, "backend up")
         assert proxy.stderr_text().count("limits are shared") >= 2

@@ -8,13 +8,12 @@ explicit transaction the transaction is failed as PostgreSQL would leave it (25P
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from harness import PgServer, StartTopeng, TopengProcess
+from harness import PgServer, StartTopeng, TopengProcess, wait_until
 from psycopg import errors
 
 from proxy.sampledata import DEMO_USERS
@@ -65,15 +64,6 @@ def connect(proxy: TopengProcess, user: str) -> psycopg.Connection[tuple[object,
     return psycopg.connect(proxy.dsn(user, DEMO_USERS[user]), autocommit=True)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
-
-
 def running_on_server(pg: PgServer, user: str, marker: str) -> list[str]:
     """Active statements of `user` containing `marker`, read directly from PostgreSQL."""
     with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
@@ -122,7 +112,10 @@ def test_error_at_the_limit_and_the_session_goes_on(proxy: TopengProcess, pg: Pg
             conn.execute("SELECT id FROM bank.big WHERE id > %s", (0,)).fetchall()
         assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
         assert len(conn.execute("SELECT id FROM bank.big LIMIT 1000").fetchall()) == LIMIT
-    assert wait_until(lambda: not running_on_server(pg, ERROR_USER, "bank.big"))
+    wait_until(
+        lambda: not running_on_server(pg, ERROR_USER, "bank.big"),
+        "the statement to leave the server",
+    )
 
 
 def test_cancelled_statement_is_gone_from_the_server(proxy: TopengProcess, pg: PgServer) -> None:
@@ -132,8 +125,9 @@ def test_cancelled_statement_is_gone_from_the_server(proxy: TopengProcess, pg: P
     with connect(proxy, ERROR_USER) as conn:
         with pytest.raises(errors.ProgramLimitExceeded):
             conn.execute(sql).fetchall()
-        gone = wait_until(lambda: not running_on_server(pg, ERROR_USER, marker))
-        assert gone, running_on_server(pg, ERROR_USER, marker)
+        wait_until(
+            lambda: not running_on_server(pg, ERROR_USER, marker), "the cancelled statement to go"
+        )
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
@@ -149,7 +143,10 @@ def test_error_inside_a_transaction_fails_it(proxy: TopengProcess, pg: PgServer)
         conn.execute("ROLLBACK")
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.execute("SELECT 2").fetchone() == (2,)
-    assert wait_until(lambda: not running_on_server(pg, ERROR_USER, "bank.big"))
+    wait_until(
+        lambda: not running_on_server(pg, ERROR_USER, "bank.big"),
+        "the statement to leave the server",
+    )
 
 
 def test_unrestricted_user_is_not_limited(proxy: TopengProcess) -> None:
