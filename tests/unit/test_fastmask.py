@@ -313,3 +313,25 @@ def test_row_masker_picks_c_when_built() -> None:
     maskers: Mapping[int, tuple[object, str, FastOp | None]] = maskers_for([0])
     chosen = row_masker(maskers, 1)  # type: ignore[arg-type]
     assert isinstance(chosen, SplicedRowMasker if fastmask.AVAILABLE else RowMasker)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    picks=st.lists(st.integers(-1, len(COLUMNS) - 1), min_size=1, max_size=4),
+    junk=st.binary(max_size=80),
+    start=st.integers(0, 8),
+)
+def test_arbitrary_bytes_never_get_past_the_c_loop_unchecked(
+    picks: list[int], junk: bytes, start: int
+) -> None:
+    """Whatever the bytes, the C loop agrees with Python row by row (same output or the same
+    ProtocolViolation), and a run never reads past a message that is not whole."""
+    py, c = both(picks)
+    assert outcome(c, memoryview(junk)) == outcome(py, memoryview(junk))
+    buf = junk[:start] + b"D" + struct.pack("!I", len(junk) + 4) + junk + junk[:start]
+    got = outcome(c.run, buf, min(start, len(buf)), 1 << 30, 1 << 30)
+    if isinstance(got, tuple) and got[0] != "error":
+        out, end, rows = got
+        assert min(start, len(buf)) <= end <= len(buf) and rows in (0, 1)
+        if rows == 1:
+            assert out == outcome(py, memoryview(junk))
