@@ -10,11 +10,13 @@ import codecs
 
 import pytest
 from wirekit import (
+    AUTH_OK,
     BIND_COMPLETE,
     PARSE_COMPLETE,
     SYNC,
     Chunking,
     Playbook,
+    backend_key,
     bytewise,
     complete,
     data_row,
@@ -23,11 +25,12 @@ from wirekit import (
     query,
     ready,
     ready_session,
+    startup,
     whole,
 )
 
 from proxy.policy.engine import AllowAll
-from proxy.session import PG_CODECS, pg_codec
+from proxy.session import PG_CODECS, Session, pg_codec
 from proxy.wire import messages as m
 
 LATIN9 = "iso8859-15"
@@ -112,6 +115,21 @@ def test_tracked_reads_sql_and_names_in_client_encoding(chunking: Chunking) -> N
     )
     assert pb.to_client(reply) == reply
     assert pb.session.transaction_status == "I"
+
+
+def test_client_encoding_from_the_startup_packet(chunking: Chunking) -> None:
+    # psycopg.connect(..., client_encoding="latin9"): the server reports it before
+    # ReadyForQuery, and the session reads the first query with it.
+    pb = Playbook(Session(startup("dba_ani", client_encoding="latin9")), chunking)
+    handshake = b"".join((AUTH_OK, param_status("client_encoding", "LATIN9"), backend_key()))
+    assert pb.to_client(handshake, ready("I")) == handshake
+    assert pb.session.begin(policy=AllowAll()) == b""
+    assert pb.session.take_to_client() == ready("I")
+    sql = f'select 1 from "{EURO_TABLE}"'
+    assert pb.to_server(latin9_query(sql)) == latin9_query(sql)
+    reply = latin9_error(f'relation "{EURO_TABLE}" does not exist') + ready("I")
+    assert pb.to_client(reply) == reply
+    assert pb.session.records[-1].sql == sql
 
 
 def test_back_to_utf8() -> None:
