@@ -69,22 +69,61 @@ NO_COLUMNS = m.RowDescription(())
 # Extended-protocol messages: a batch of them is open until a Sync.
 BATCH_TYPES = frozenset((P, B, DESC, E, CLOSE, H))
 
-# PostgreSQL client_encoding names and the Python codecs that read them.
+# PostgreSQL client_encoding names and the Python codecs that read them. Every string in the
+# protocol after startup (SQL, statement and portal names, column names, error and notice text,
+# notification payloads) is in the client_encoding. The two encodings Python has no codec for
+# (EUC_TW, MULE_INTERNAL) are read as latin-1: every byte string decodes and encodes back to
+# itself, so an unrestricted session's bytes still pass unchanged (restricted sessions may only
+# use UTF8, see proxy.policy.decide).
 PG_CODECS = {
     "UTF8": "utf-8",
     "UNICODE": "utf-8",
     "SQL_ASCII": "latin-1",
     "LATIN1": "latin-1",
     "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3",
+    "LATIN4": "iso8859-4",
+    "LATIN5": "iso8859-9",
+    "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13",
+    "LATIN8": "iso8859-14",
     "LATIN9": "iso8859-15",
+    "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5",
+    "ISO_8859_6": "iso8859-6",
+    "ISO_8859_7": "iso8859-7",
+    "ISO_8859_8": "iso8859-8",
+    "WIN866": "cp866",
+    "WIN874": "cp874",
     "WIN1250": "cp1250",
     "WIN1251": "cp1251",
     "WIN1252": "cp1252",
+    "WIN1253": "cp1253",
+    "WIN1254": "cp1254",
+    "WIN1255": "cp1255",
+    "WIN1256": "cp1256",
+    "WIN1257": "cp1257",
+    "WIN1258": "cp1258",
+    "KOI8R": "koi8-r",
+    "KOI8U": "koi8-u",
     "EUC_JP": "euc_jp",
+    "EUC_JIS_2004": "euc_jis_2004",
+    "EUC_CN": "gb2312",
+    "EUC_KR": "euc_kr",
+    "JOHAB": "johab",
+    "UHC": "cp949",
     "SJIS": "shift_jis",
+    "SHIFT_JIS_2004": "shift_jis_2004",
     "GBK": "gbk",
+    "GB18030": "gb18030",
     "BIG5": "big5",
 }
+
+
+def pg_codec(client_encoding: str) -> str:
+    """The Python codec of a PostgreSQL client_encoding name, as ParameterStatus reports it."""
+    return PG_CODECS.get(client_encoding.upper().replace("-", "_"), "latin-1")
+
 
 # CommandComplete tags after which the schema may have changed.
 DDL_TAGS = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE", b"SECURITY LABEL")
@@ -400,6 +439,8 @@ class Session:
         self.policy: StatementPolicy | None = None
         self._tx_status = "I"
         self.parameters: dict[str, str] = {}
+        # The Python codec of the client_encoding the server last reported (ParameterStatus).
+        self.client_codec = "utf-8"
         self.backend_key: m.BackendKeyData | None = None
         self.auth_error: m.ErrorFields | None = None
         self._terminated = False  # the client sent Terminate
@@ -438,11 +479,6 @@ class Session:
         # Set when the running statement must be cancelled on the server (a result Topeng
         # aborted); the caller sends the CancelRequest and clears it.
         self.cancel_requested = False
-
-    @property
-    def client_codec(self) -> str:
-        """The Python codec of the connection's client_encoding."""
-        return PG_CODECS.get(self.parameters.get("client_encoding", "UTF8").upper(), "utf-8")
 
     # ------------------------------------------------------------------ output queues
 
@@ -629,22 +665,22 @@ class Session:
                 out.append(raw)
                 continue
             if mtype == Q:
-                self._client_query(m.Query.decode(body), raw)
+                self._client_query(m.Query.decode(body, self.client_codec), raw)
             elif mtype == P:
                 self._in_batch = True
-                self._client_parse(m.Parse.decode(body), raw)
+                self._client_parse(m.Parse.decode(body, self.client_codec), raw)
             elif mtype == B:
                 self._in_batch = True
-                self._client_bind(*m.bind_target(body), raw)
+                self._client_bind(*m.bind_target(body, self.client_codec), raw)
             elif mtype == DESC:
                 self._in_batch = True
-                self._client_describe(m.Describe.decode(body), raw)
+                self._client_describe(m.Describe.decode(body, self.client_codec), raw)
             elif mtype == E:
                 self._in_batch = True
-                self._client_execute(m.Execute.decode(body), raw)
+                self._client_execute(m.Execute.decode(body, self.client_codec), raw)
             elif mtype == CLOSE:
                 self._in_batch = True
-                self._client_close(m.Close.decode(body), raw)
+                self._client_close(m.Close.decode(body, self.client_codec), raw)
             elif mtype == S:
                 self._queue.append(Pending(Kind.SYNC))
                 self._in_batch = False
@@ -875,8 +911,9 @@ class Session:
         policy = self.policy
         if policy is None:
             return bytes(raw)
-        scrubbed = policy.scrub(self._decision_of(head), m.ErrorFields.decode(body))
-        return bytes(raw) if scrubbed is None else scrubbed.encode_as(mtype)
+        codec = self.client_codec
+        scrubbed = policy.scrub(self._decision_of(head), m.ErrorFields.decode(body, codec))
+        return bytes(raw) if scrubbed is None else scrubbed.encode_as(mtype, codec)
 
     def _pop(self) -> Pending:
         """Take the head of the reply queue; a statement whose replies are over is recorded."""
@@ -914,10 +951,10 @@ class Session:
                 self.backend_key = m.BackendKeyData.decode(body)
             elif mtype == PARAM_STATUS:
                 ps = m.ParameterStatus.decode(body)
-                self.parameters[ps.name] = ps.value
+                self._parameter(ps)
             elif mtype == ERROR:
-                self.auth_error = m.ErrorFields.decode(body)
-                self._note_fatal(self.auth_error)
+                self.auth_error = m.ErrorFields.decode(body, self.client_codec)
+                self._note_fatal(body)
             elif mtype == READY:
                 if not self.authenticated:
                     raise ProtocolViolation("server said ReadyForQuery before AuthenticationOk")
@@ -1006,7 +1043,7 @@ class Session:
                 if body.startswith(DDL_TAGS):
                     scan.tag_seen = True
             elif mtype == ERROR:
-                self._note_fatal(m.ErrorFields.decode(body))
+                self._note_fatal(body)
             elif mtype == COPY_IN:
                 # The server ignores a Sync the client sent with an extended-protocol COPY FROM
                 # STDIN (libpq sends Parse/Bind/Describe/Execute/Sync, then the data, then
@@ -1015,9 +1052,19 @@ class Session:
                 if client is not None and client.last_type == S and self._fast_outstanding() >= 1:
                     self._ignored_syncs += 1
 
-    def _note_fatal(self, error: m.ErrorFields) -> None:
-        if error.severity in ("FATAL", "PANIC"):
+    def _note_fatal(self, error: memoryview | bytes) -> None:
+        """Notes whether this ErrorResponse body ends the session (read without decoding
+        its text, which is in the client_encoding)."""
+        if m.error_severity(error) in ("FATAL", "PANIC"):
             self.server_said_goodbye = True
+
+    def _parameter(self, ps: m.ParameterStatus) -> None:
+        self.parameters[ps.name] = ps.value
+        if ps.name == "client_encoding":
+            codec = pg_codec(ps.value)
+            if codec != self.client_codec:
+                self.client_codec = codec
+                self._descriptions.clear()  # their column names were read in the old codec
 
     def _tracked_server(self, data: bytes) -> bytes:
         reader = self._server
@@ -1034,7 +1081,7 @@ class Session:
             if mtype in (NOTICE, PARAM_STATUS, NOTIFY):
                 if mtype == PARAM_STATUS:
                     ps = m.ParameterStatus.decode(body)
-                    self.parameters[ps.name] = ps.value
+                    self._parameter(ps)
                     if self.policy is not None:
                         refusal = self.policy.check_parameter(ps.name, ps.value)
                         if refusal is not None:
@@ -1047,7 +1094,7 @@ class Session:
                     out.append(bytes(raw))
                 continue
             if mtype == ERROR:
-                self._note_fatal(m.ErrorFields.decode(body))
+                self._note_fatal(body)
             if head is None:
                 if mtype == ERROR:
                     # A FATAL error the server sends on its own (shutdown, timeout).
@@ -1167,9 +1214,10 @@ class Session:
         result = head.internal
         assert result is not None
         if mtype == ROW_DESC:
-            result.columns = tuple(f.name for f in m.RowDescription.decode(body).fields)
+            codec = self.client_codec
+            result.columns = tuple(f.name for f in m.RowDescription.decode(body, codec).fields)
         elif mtype == ERROR:
-            result.error = m.ErrorFields.decode(body)
+            result.error = m.ErrorFields.decode(body, self.client_codec)
         elif mtype == READY:
             self.transaction_status = m.ReadyForQuery.decode(body).status
             self._pop()
@@ -1525,7 +1573,7 @@ class Session:
         key = body.tobytes()
         found = self._descriptions.get(key)
         if found is None:
-            desc = m.RowDescription.decode(key)
+            desc = m.RowDescription.decode(key, self.client_codec)
             found = (desc, tuple(f.format for f in desc.fields))
             if len(self._descriptions) >= 64:
                 self._descriptions.clear()
@@ -1537,7 +1585,7 @@ class Session:
         replacement = self._end_result(head, ERROR, body)
         record = head.record
         if record is not None and refusal is None and replacement is None:
-            record.error = m.ErrorFields.decode(body).sqlstate
+            record.error = m.ErrorFields.decode(body, self.client_codec).sqlstate
         self._copy_in = False
         if head.kind in EXTENDED:
             # The server now skips everything up to Sync: so does the queue.

@@ -29,12 +29,13 @@ Body = bytes | bytearray | memoryview
 class Cursor:
     """Bounds-checked reading of a message body."""
 
-    __slots__ = ("buf", "pos", "what")
+    __slots__ = ("buf", "pos", "what", "encoding")
 
-    def __init__(self, buf: Body, what: str) -> None:
+    def __init__(self, buf: Body, what: str, encoding: str = "utf-8") -> None:
         self.buf = buf if isinstance(buf, bytes) else bytes(buf)
         self.pos = 0
         self.what = what
+        self.encoding = encoding  # of strings: the connection's client_encoding
 
     def _need(self, n: int) -> None:
         if self.pos + n > len(self.buf):
@@ -85,9 +86,11 @@ class Cursor:
         v = self.buf[self.pos : end]
         self.pos = end + 1
         try:
-            return v.decode("utf-8")
+            return v.decode(self.encoding)
         except UnicodeDecodeError as exc:
-            raise ProtocolViolation(f"{self.what}: invalid UTF-8 in string") from exc
+            raise ProtocolViolation(
+                f"{self.what}: invalid {self.encoding.upper()} in string"
+            ) from exc
 
     def rest(self) -> bytes:
         v = self.buf[self.pos :]
@@ -104,8 +107,8 @@ def frame(mtype: bytes, body: bytes) -> bytes:
     return _HEAD.pack(mtype, len(body) + 4) + body
 
 
-def cstr(s: str) -> bytes:
-    return s.encode("utf-8") + b"\0"
+def cstr(s: str, encoding: str = "utf-8") -> bytes:
+    return s.encode(encoding) + b"\0"
 
 
 def _int16s(values: Sequence[int]) -> bytes:
@@ -135,15 +138,15 @@ def _fast_int16s(b: bytes, pos: int) -> tuple[tuple[int, ...], int]:
 
 
 def _read_bind(
-    b: bytes, *, keep_params: bool
+    b: bytes, *, keep_params: bool, encoding: str = "utf-8"
 ) -> tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]] | None:
     """The fields of a well-formed Bind body (parameter values only if `keep_params`), or None
     for anything else: the checked decoder then says what is wrong."""
     try:
         end = b.index(0)
-        portal = b[:end].decode("utf-8")
+        portal = b[:end].decode(encoding)
         pos = b.index(0, end + 1)
-        statement = b[end + 1 : pos].decode("utf-8")
+        statement = b[end + 1 : pos].decode(encoding)
         pos += 1
         param_formats, pos = _fast_int16s(b, pos)
         (n,) = _I16.unpack_from(b, pos)
@@ -171,14 +174,14 @@ def _read_bind(
     return portal, statement, param_formats, tuple(params), result_formats
 
 
-def bind_target(body: Body) -> tuple[str, str, tuple[int, ...]]:
+def bind_target(body: Body, encoding: str = "utf-8") -> tuple[str, str, tuple[int, ...]]:
     """(portal, statement, result formats) of a Bind body, read as strictly as Bind.decode
     reads them, without keeping the parameter values."""
     b = body if type(body) is bytes else bytes(body)
-    read = _read_bind(b, keep_params=False)
+    read = _read_bind(b, keep_params=False, encoding=encoding)
     if read is not None:
         return read[0], read[1], read[4]
-    bind = Bind._decode_checked(b)  # raises, saying what is wrong
+    bind = Bind._decode_checked(b, encoding)  # raises, saying what is wrong
     return bind.portal, bind.statement, bind.result_formats
 
 
@@ -217,19 +220,19 @@ class Query:
     sql: str
 
     @classmethod
-    def decode(cls, body: Body) -> Query:
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Query:
         b = body if type(body) is bytes else bytes(body)
         end = len(b) - 1
         if end >= 0 and b.find(0) == end:
             try:
-                return cls(b[:end].decode("utf-8"))
+                return cls(b[:end].decode(encoding))
             except UnicodeDecodeError:
                 pass
-        return cls._decode_checked(b)
+        return cls._decode_checked(b, encoding)
 
     @classmethod
-    def _decode_checked(cls, body: Body) -> Query:
-        c = Cursor(body, "Query")
+    def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Query:
+        c = Cursor(body, "Query", encoding)
         sql = c.cstring()
         c.done()
         return cls(sql)
@@ -246,8 +249,8 @@ class Parse:
     param_types: tuple[int, ...] = ()
 
     @classmethod
-    def decode(cls, body: Body) -> Parse:
-        c = Cursor(body, "Parse")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Parse:
+        c = Cursor(body, "Parse", encoding)
         name = c.cstring()
         sql = c.cstring()
         n = c.int16()
@@ -277,16 +280,16 @@ class Bind:
     result_formats: tuple[int, ...] = ()
 
     @classmethod
-    def decode(cls, body: Body) -> Bind:
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Bind:
         b = body if type(body) is bytes else bytes(body)
-        read = _read_bind(b, keep_params=True)
+        read = _read_bind(b, keep_params=True, encoding=encoding)
         if read is not None:
             return cls(*read)
-        return cls._decode_checked(b)
+        return cls._decode_checked(b, encoding)
 
     @classmethod
-    def _decode_checked(cls, body: Body) -> Bind:
-        c = Cursor(body, "Bind")
+    def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Bind:
+        c = Cursor(body, "Bind", encoding)
         portal = c.cstring()
         statement = c.cstring()
         param_formats = _read_int16s(c)
@@ -322,21 +325,21 @@ class Describe:
     name: str
 
     @classmethod
-    def decode(cls, body: Body) -> Describe:
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Describe:
         b = body if type(body) is bytes else bytes(body)
         last = len(b) - 1
         if last >= 1 and b.find(0, 1) == last:
             kind = _KINDS.get(b[0])
             if kind is not None:
                 try:
-                    return cls(kind, b[1:last].decode("utf-8"))
+                    return cls(kind, b[1:last].decode(encoding))
                 except UnicodeDecodeError:
                     pass
-        return cls._decode_checked(b)
+        return cls._decode_checked(b, encoding)
 
     @classmethod
-    def _decode_checked(cls, body: Body) -> Describe:
-        c = Cursor(body, "Describe")
+    def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Describe:
+        c = Cursor(body, "Describe", encoding)
         kind = chr(c.byte())
         if kind not in "SP":
             raise ProtocolViolation(f"Describe: invalid kind {kind!r}")
@@ -355,19 +358,19 @@ class Execute:
     max_rows: int = 0
 
     @classmethod
-    def decode(cls, body: Body) -> Execute:
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Execute:
         b = body if type(body) is bytes else bytes(body)
         end = b.find(0)
         if end >= 0 and len(b) == end + 5:
             try:
-                return cls(b[:end].decode("utf-8"), _I32.unpack_from(b, end + 1)[0])
+                return cls(b[:end].decode(encoding), _I32.unpack_from(b, end + 1)[0])
             except UnicodeDecodeError:
                 pass
-        return cls._decode_checked(b)
+        return cls._decode_checked(b, encoding)
 
     @classmethod
-    def _decode_checked(cls, body: Body) -> Execute:
-        c = Cursor(body, "Execute")
+    def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Execute:
+        c = Cursor(body, "Execute", encoding)
         portal = c.cstring()
         max_rows = c.int32()
         c.done()
@@ -384,8 +387,8 @@ class Close:
     name: str
 
     @classmethod
-    def decode(cls, body: Body) -> Close:
-        c = Cursor(body, "Close")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> Close:
+        c = Cursor(body, "Close", encoding)
         kind = chr(c.byte())
         if kind not in "SP":
             raise ProtocolViolation(f"Close: invalid kind {kind!r}")
@@ -431,8 +434,8 @@ class CopyFail:
     message: str
 
     @classmethod
-    def decode(cls, body: Body) -> CopyFail:
-        c = Cursor(body, "CopyFail")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> CopyFail:
+        c = Cursor(body, "CopyFail", encoding)
         msg = c.cstring()
         c.done()
         return cls(msg)
@@ -566,8 +569,8 @@ class CommandComplete:
     tag: str
 
     @classmethod
-    def decode(cls, body: Body) -> CommandComplete:
-        c = Cursor(body, "CommandComplete")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> CommandComplete:
+        c = Cursor(body, "CommandComplete", encoding)
         tag = c.cstring()
         c.done()
         return cls(tag)
@@ -595,8 +598,8 @@ class RowDescription:
     fields: tuple[FieldDescription, ...]
 
     @classmethod
-    def decode(cls, body: Body) -> RowDescription:
-        c = Cursor(body, "RowDescription")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> RowDescription:
+        c = Cursor(body, "RowDescription", encoding)
         n = c.int16()
         if n < 0:
             raise ProtocolViolation("RowDescription: negative count")
@@ -611,11 +614,11 @@ class RowDescription:
         c.done()
         return cls(tuple(out))
 
-    def encode(self) -> bytes:
+    def encode(self, encoding: str = "utf-8") -> bytes:
         tail = FieldDescription._TAIL
         parts = [_I16.pack(len(self.fields))]
         for f in self.fields:
-            parts.append(cstr(f.name))
+            parts.append(cstr(f.name, encoding))
             parts.append(
                 tail.pack(f.table_oid, f.column, f.type_oid, f.type_size, f.type_modifier, f.format)
             )
@@ -726,8 +729,8 @@ class NotificationResponse:
     payload: str
 
     @classmethod
-    def decode(cls, body: Body) -> NotificationResponse:
-        c = Cursor(body, "NotificationResponse")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> NotificationResponse:
+        c = Cursor(body, "NotificationResponse", encoding)
         pid = c.int32()
         channel = c.cstring()
         payload = c.cstring()
@@ -779,8 +782,8 @@ class ErrorFields:
     fields: tuple[tuple[str, str], ...]
 
     @classmethod
-    def decode(cls, body: Body) -> ErrorFields:
-        c = Cursor(body, "ErrorResponse")
+    def decode(cls, body: Body, encoding: str = "utf-8") -> ErrorFields:
+        c = Cursor(body, "ErrorResponse", encoding)
         out = []
         while True:
             code = c.byte()
@@ -808,9 +811,29 @@ class ErrorFields:
     def severity(self) -> str:
         return self.get(SEVERITY_NONLOCALIZED) or self.get(SEVERITY)
 
-    def encode_as(self, mtype: bytes) -> bytes:
-        body = b"".join(k.encode() + cstr(v) for k, v in self.fields) + b"\0"
+    def encode_as(self, mtype: bytes, encoding: str = "utf-8") -> bytes:
+        body = b"".join(k.encode() + cstr(v, encoding) for k, v in self.fields) + b"\0"
         return frame(mtype, body)
+
+
+def error_severity(body: Body) -> str:
+    """The severity of an ErrorResponse or NoticeResponse body, read without decoding its text:
+    the other fields are in the connection's client_encoding, the severity keywords that matter
+    ('ERROR', 'FATAL', 'PANIC') are ASCII. The non-localized field (V) if there is one, else the
+    localized one (S); "" if the body has neither or is malformed."""
+    b = body if type(body) is bytes else bytes(body)
+    pos, localized = 0, ""
+    while pos < len(b) and b[pos] != 0:
+        end = b.find(0, pos + 1)
+        if end < 0:
+            break
+        code = b[pos]
+        if code == 0x56:  # 'V'
+            return b[pos + 1 : end].decode("latin-1")
+        if code == 0x53:  # 'S'
+            localized = b[pos + 1 : end].decode("latin-1")
+        pos = end + 1
+    return localized
 
 
 def error_response(

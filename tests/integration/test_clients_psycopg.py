@@ -166,6 +166,26 @@ def test_notices(conn: psycopg.Connection) -> None:
     ]
 
 
+def test_client_encoding_latin9(conn: psycopg.Connection) -> None:
+    """After SET client_encoding every string on the wire (SQL, statement names, column names,
+    error and notice text) is in that encoding: Topeng must not read it as UTF-8."""
+    conn.autocommit = True
+    conn.execute("SET client_encoding TO latin9")
+    assert conn.info.encoding == "iso8859-15"
+    euro = "\u20ac"  # 0xA4 in LATIN9
+    cur = conn.execute(f"SELECT '{euro}' AS \"{euro}\", %s::text", (f"x{euro}",), prepare=True)
+    assert cur.fetchone() == (euro, f"x{euro}")
+    assert cur.description is not None and cur.description[0].name == euro
+    with pytest.raises(errors.UndefinedTable) as caught:
+        conn.execute(f'SELECT 1 FROM "foo{euro}bar"')
+    assert caught.value.diag.message_primary == f'relation "foo{euro}bar" does not exist'
+    seen: list[str | None] = []
+    conn.add_notice_handler(lambda d: seen.append(d.message_primary))
+    conn.execute(f"DO $$BEGIN RAISE NOTICE '{euro}'; END$$")
+    assert seen == [euro]
+    assert conn.execute("SELECT 1").fetchone() == (1,)  # the session is still there
+
+
 def test_listen_notify(proxy: TopengProcess) -> None:
     with (
         psycopg.connect(_dsn(proxy), autocommit=True) as listener,

@@ -473,3 +473,27 @@ def test_bind_target_reads_what_bind_decode_reads(msg: m.Bind, data: Any) -> Non
             (bind.portal, bind.statement, bind.result_formats) if isinstance(bind, m.Bind) else bind
         )
         assert _outcome(m.bind_target, candidate) == expected
+
+
+def test_error_severity_reads_no_text() -> None:
+    # The text fields are in the client_encoding (here LATIN9's euro sign, not UTF-8).
+    body = b"SFATAL\0VFATAL\0C57P01\0Mterminating \xa4\0\0"
+    assert m.error_severity(body) == "FATAL"
+    assert m.error_severity(b"SFATAL\0Mx\0\0") == "FATAL"  # before PostgreSQL 9.6: no V
+    assert m.error_severity(b"SSCHWERWIEGEND\0VFATAL\0\0") == "FATAL"  # V beats localized S
+    assert m.error_severity(m.error_response("42601", "syntax error")[5:]) == "ERROR"
+    assert m.error_severity(b"SFATAL") == ""  # malformed
+    assert m.error_severity(b"") == ""
+
+
+def test_strings_in_another_encoding() -> None:
+    body = "select '\u20ac'".encode("iso8859-15") + b"\0"
+    assert m.Query.decode(body, "iso8859-15").sql == "select '\u20ac'"
+    with pytest.raises(ProtocolViolation, match="invalid UTF-8"):
+        m.Query.decode(body)
+    parse = m.frame(b"P", "s\u20ac\0select 1\0\0\0".encode("iso8859-15"))
+    assert m.Parse.decode(parse[5:], "iso8859-15").name == "s\u20ac"
+    fields = m.ErrorFields((("S", "ERROR"), ("M", "\u20ac")))
+    raw = fields.encode_as(b"E", "iso8859-15")
+    assert raw.endswith(b"M\xa4\0\0")
+    assert m.ErrorFields.decode(raw[5:], "iso8859-15") == fields
