@@ -26,6 +26,7 @@ from proxy.policy.decision import (
     INSUFFICIENT_PRIVILEGE,
     RATE_LIMIT,
     Allow,
+    ColumnMask,
     Decision,
     Mask,
     Refuse,
@@ -613,32 +614,12 @@ class RestrictedPolicy:
             if spec is None:
                 continue
             fmt = formats[index] if index < len(formats) else 0
-            params = dict(spec.params)
-            try:
-                masker = build_field_masker(
-                    spec.mask,
-                    params,
-                    type_oid=field.type_oid,
-                    typmod=field.type_modifier,
-                    fmt=fmt,
-                    hash_key=self.hash_key,
-                )
-            except MaskNotApplicable as exc:
-                return Refuse(
-                    INSUFFICIENT_PRIVILEGE,
-                    f"topeng: column {field.name} (label {spec.label}) cannot be masked with "
-                    f"{spec.mask}",
-                    detail=str(exc),
-                    hint="Ask your DBA to fix the mask of this label in the rules.",
-                    reason="mask",
-                )
-            op = fast_op(
-                spec.mask,
-                params,
-                type_oid=field.type_oid,
-                typmod=field.type_modifier,
-                fmt=fmt,
+            built = _column_masker(
+                spec, field.name, field.type_oid, field.type_modifier, fmt, self.hash_key
             )
+            if isinstance(built, Refuse):
+                return built
+            masker, op = built
             maskers[index] = (masker, spec.label, op)
         if not maskers:
             return None
@@ -646,6 +627,27 @@ class RestrictedPolicy:
         if self.on_masked is not None:
             self.on_masked(rewriter)
         return rewriter
+
+
+def _column_masker(
+    spec: ColumnMask, column: str, type_oid: int, typmod: int, fmt: int, hash_key: bytes
+) -> tuple[FieldMasker, FastOp | None] | Refuse:
+    """The masker of one masked column of a result or a COPY, with its form for the C loop;
+    or the refusal when the mask cannot apply to the column's type (fail closed)."""
+    params = dict(spec.params)
+    try:
+        masker = build_field_masker(
+            spec.mask, params, type_oid=type_oid, typmod=typmod, fmt=fmt, hash_key=hash_key
+        )
+    except MaskNotApplicable as exc:
+        return Refuse(
+            INSUFFICIENT_PRIVILEGE,
+            f"topeng: column {column} (label {spec.label}) cannot be masked with {spec.mask}",
+            detail=str(exc),
+            hint="Ask your DBA to fix the mask of this label in the rules.",
+            reason="mask",
+        )
+    return masker, fast_op(spec.mask, params, type_oid=type_oid, typmod=typmod, fmt=fmt)
 
 
 def _copy_refusal(detail: str, role: str) -> Refuse:
@@ -689,24 +691,10 @@ def plan_copy_masker(
         if not refs or len(types) != 1 or index >= count:
             return _copy_refusal(f"the type of masked column {index + 1} is not known", role)
         ((type_oid, typmod),) = types
-        try:
-            masker = build_field_masker(
-                spec.mask,
-                dict(spec.params),
-                type_oid=type_oid,
-                typmod=typmod,
-                fmt=1 if binary else 0,
-                hash_key=hash_key,
-            )
-        except MaskNotApplicable as exc:
-            return Refuse(
-                INSUFFICIENT_PRIVILEGE,
-                f"topeng: column {index + 1} (label {spec.label}) cannot be masked with "
-                f"{spec.mask}",
-                detail=str(exc),
-                hint="Ask your DBA to fix the mask of this label in the rules.",
-                reason="mask",
-            )
+        built = _column_masker(spec, str(index + 1), type_oid, typmod, 1 if binary else 0, hash_key)
+        if isinstance(built, Refuse):
+            return built
+        masker, _ = built  # COPY data is masked in Python (its formats are not DataRows)
         maskers[index] = (masker, spec.label)
     try:
         return build_copy_masker(

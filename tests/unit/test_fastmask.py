@@ -13,9 +13,20 @@ from collections.abc import Mapping
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wirekit import (
+    MASK_MARKER,
+    MarkerPolicy,
+    complete,
+    data_row,
+    query,
+    ready,
+    ready_session,
+    row_desc,
+)
 
 from proxy.policy import fastmask
 from proxy.policy import pgtypes as pt
+from proxy.policy.decision import Mask
 from proxy.policy.fastmask import FastOp, SplicedRowMasker, fast_op, row_masker
 from proxy.policy.masks import RowMasker, build_field_masker
 from proxy.wire.framing import ProtocolViolation
@@ -335,3 +346,44 @@ def test_arbitrary_bytes_never_get_past_the_c_loop_unchecked(
         assert min(start, len(buf)) <= end <= len(buf) and rows in (0, 1)
         if rows == 1:
             assert out == outcome(py, memoryview(junk))
+
+
+# -- the C loop inside a session ------------------------------------------------------------------
+
+
+class _CMaskPolicy(MarkerPolicy):
+    """MarkerPolicy, but the masked results are rewritten by the C loop (partial, first 6)."""
+
+    def plan_rows(self, decision: object, description: object, formats: object) -> object:
+        if not isinstance(decision, Mask):
+            return None
+        if not fastmask.AVAILABLE:
+            needs_tool("the C module proxy.policy._splice is not built")
+        return row_masker(maskers_for([2, -1]), 2)  # type: ignore[arg-type]
+
+
+NIK = "3171011708900001"
+MASKED_NIK = b"31" + b"#" * 12 + b"01"  # COLUMNS[2]: keep 2 first, 2 last, '#'
+
+
+def test_a_chunk_of_rows_goes_through_the_c_loop_masked_and_counted() -> None:
+    pb = ready_session(_CMaskPolicy())
+    sql = f"SELECT nik, name FROM customer /* {MASK_MARKER} */"
+    assert pb.to_server(query(sql)) == query(sql)
+    rows = [data_row(NIK, f"name {i}") for i in range(300)]
+    out = pb.to_client(row_desc("nik", "name"), *rows, complete("SELECT 300"), ready("I"))
+    assert NIK.encode() not in out
+    assert out.count(MASKED_NIK) == 300
+    assert pb.session.counters.rows == 300
+    assert pb.session.records[-1].rows == 300
+
+
+def test_a_malformed_row_in_a_run_ends_the_session_with_nothing_unmasked_sent() -> None:
+    pb = ready_session(_CMaskPolicy())
+    sql = f"SELECT nik, name FROM customer /* {MASK_MARKER} */"
+    pb.to_server(query(sql))
+    good = data_row(NIK, "ok")
+    bad = data_row(NIK, "ok", "a third field the description does not have")
+    with pytest.raises(ProtocolViolation, match="fields where RowDescription announced 2"):
+        pb.to_client(row_desc("nik", "name"), good, good, bad, good, complete("SELECT 4"))
+    assert NIK.encode() not in pb.session.take_to_client()
