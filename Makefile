@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 
 all: test
 
-# Reinstalled when the C masking loop changes, so the compiled module is never stale.
-$(STAMP): pyproject.toml proxy/policy/_splice.c
+# Reinstalled when a C module (masking loop, relay) changes, so neither is ever stale.
+$(STAMP): pyproject.toml proxy/policy/_splice.c proxy/_relay.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,demo]'

@@ -76,6 +76,11 @@ class Pipe(asyncio.Protocol):
             if not peer.closed:
                 peer.transport.resume_reading()
 
+    @property
+    def holding_peer(self) -> bool:
+        """This side's writes are backed up, so its peer has stopped reading."""
+        return self._paused_peer
+
     # -- reading during setup
 
     def _wake(self) -> None:

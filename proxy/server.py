@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from proxy import relay as relays
 from proxy.config import Config
 from proxy.observe import metrics
 from proxy.observe.audit import AuditLog, SessionContext, open_audit_log
@@ -137,6 +138,10 @@ class Connection:
         self._cancelling: asyncio.Task[Any] | None = None  # a cancel on its way to the server
         self._held_client: list[bytes] = []  # client data waiting for that cancel
         self._children: _RoleMetrics | None = None  # the role's metric children, once known
+        # Fast mode over plain sockets: the relay thread may carry the session (proxy/relay.py).
+        self._relay_fds: tuple[int, int] | None = None  # client, server; None: never relayed
+        self._relay_id: int | None = None  # while the relay has it
+        self._fast_feed: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -531,6 +536,10 @@ class Connection:
         track_activity = self.config.idle_timeout > 0
         catalogs, database = self.proxy.catalogs, session.database
 
+        self._relay_fds = self._plain_fds()
+        relayable = self._relay_fds is not None
+        try_relay = self._try_relay
+
         def on_client(data: bytes) -> None:
             if track_activity:
                 self.last_activity = monotonic()
@@ -541,6 +550,8 @@ class Connection:
                 return
             if not upstream.closed:
                 client_write(data)
+            if relayable:
+                try_relay()
 
         def on_server(data: bytes) -> None:
             try:
@@ -553,9 +564,105 @@ class Connection:
             if session.schema_changed:
                 session.schema_changed = False
                 catalogs.mark_stale(database)
+            if relayable:
+                try_relay()
 
         client.on_data = on_client
         upstream.on_data = on_server
+        self._fast_feed = (on_client, on_server)
+        if relayable:
+            try_relay()
+
+    # ------------------------------------------------------------------ the relay thread
+
+    def _plain_fds(self) -> tuple[int, int] | None:
+        """The two sockets' descriptors if the relay thread can carry this session: plain
+        (not TLS) on both sides, and a relay in this process."""
+        upstream = self.upstream
+        if self.proxy.relay is None or upstream is None or self.tls:
+            return None
+        fds = []
+        for pipe in (self.client, upstream):
+            t = pipe.transport
+            if t is None or t.get_extra_info("ssl_object") is not None:
+                return None
+            sock = t.get_extra_info("socket")
+            if sock is None:
+                return None
+            fds.append(sock.fileno())
+        return fds[0], fds[1]
+
+    def _try_relay(self) -> None:
+        """Hands the session to the relay thread if nothing is in the way: it is not ending,
+        nothing waits to be written either way, and the scanners are between messages they
+        would collect."""
+        relay, fds = self.proxy.relay, self._relay_fds
+        session, upstream = self.session, self.upstream
+        if relay is None or fds is None or self._relay_id is not None or self.closing:
+            return
+        assert session is not None and upstream is not None
+        client = self.client
+        ct, ut = client.transport, upstream.transport
+        if ct is None or ut is None or client.closed or upstream.closed or session.terminated:
+            return
+        if ct.get_write_buffer_size() or ut.get_write_buffer_size():
+            return
+        if client.holding_peer or upstream.holding_peer:
+            return
+        cscan, sscan = session.scanners
+        ct.pause_reading()
+        ut.pause_reading()
+        rid = relay.add(fds[0], fds[1], cscan, sscan, self._relay_back)
+        if rid is None:
+            ct.resume_reading()
+            ut.resume_reading()
+            return
+        self._relay_id = rid
+
+    def _relay_back(self, back: relays.Handback) -> None:
+        """The relay handed the session back: take over where it stopped."""
+        self._relay_id = None
+        self._absorb(back)
+        client, upstream = self.client, self.upstream
+        assert upstream is not None
+        for pipe in (client, upstream):
+            if pipe.transport is not None and not pipe.closed:
+                pipe.transport.resume_reading()
+        # Bytes it read and walked but could not write yet go first, as they came.
+        if back.to_client:
+            client.write(back.to_client)
+        if back.to_server:
+            upstream.write(back.to_server)
+        if back.chunk and self._fast_feed is not None:
+            on_client, on_server = self._fast_feed
+            (on_client if back.side == relays.CLIENT else on_server)(back.chunk)
+
+    def _absorb(self, back: relays.Handback) -> None:
+        session = self.session
+        assert session is not None
+        cscan, sscan = session.scanners
+        back.client.apply(cscan)
+        back.server.apply(sscan)
+        session.relayed(back.client.nbytes, back.server.nbytes)
+        if back.last_activity > self.last_activity:
+            self.last_activity = back.last_activity
+
+    def _unrelay(self) -> None:
+        """Takes the session back for good (it is ending), before Topeng writes to it."""
+        self._relay_fds = None  # never again
+        rid, relay = self._relay_id, self.proxy.relay
+        if rid is not None and relay is not None:
+            self._relay_back(relay.recall(rid))
+
+    def sync_relay(self) -> None:
+        """Brings the session's counters and state up to date with the relay thread."""
+        rid, relay = self._relay_id, self.proxy.relay
+        if rid is not None and relay is not None:
+            self._absorb(relay.peek(rid))
+
+    @property
+    def relayed(self) -> bool:
+        return self._relay_id is not None
 
     def check_statement_timeout(self, timeout: float) -> None:
         """Cancel the running statement if it has run longer than the role allows."""
@@ -656,6 +763,9 @@ class Connection:
 
     def close_for(self, sqlstate: str, message: str) -> None:
         """End this session from outside (shutdown, idle timeout) with a FATAL error."""
+        self._unrelay()
+        if self.closing:
+            return  # what the relay handed back ended it
         self._fatal(sqlstate, message)
         self._end("closed_by_topeng")
 
@@ -674,6 +784,9 @@ class Connection:
     def _teardown(self) -> None:
         if self.closing:
             return
+        self._unrelay()
+        if self.closing:
+            return  # what the relay handed back ended it (and tore it down)
         self.closing = True
         upstream = self.upstream
         session = self.session
@@ -811,6 +924,7 @@ class Proxy:
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.relay: relays.Relay | None = None  # made in start(), on the loop it serves
 
     # -- TLS contexts
 
@@ -892,6 +1006,7 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.relay = relays.Relay.create(loop)
         reuse = self.config.workers > 1
         # Metrics and health first: once clients are accepted, /readyz and /metrics answer.
         if self.config.metrics_listen is not None:
@@ -962,6 +1077,8 @@ class Proxy:
                 policy = session.policy
                 if policy is not None and policy.statement_timeout:
                     conn.check_statement_timeout(policy.statement_timeout)
+                if conn.relayed and (ticks % 4 == 0 or self.shutting_down or idle_limit):
+                    conn.sync_relay()
                 if ticks % 4 == 0:
                     conn.flush_metrics()
                 if self.shutting_down and session.idle:
@@ -992,6 +1109,8 @@ class Proxy:
             self._sweeper.cancel()
         for limiter in self.limiters.values():
             limiter.close()
+        if self.relay is not None:
+            self.relay.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -1106,6 +1225,11 @@ async def serve(config: Config, rules: RulesStore) -> None:
         config.upstream,
         config.rules,
     )
+    if not relays.AVAILABLE:
+        log.warning(
+            "the C relay (proxy._relay) is not built or TOPENG_PURE_PYTHON is set: unrestricted"
+            " sessions are relayed in the event loop, with more CPU per message"
+        )
     if not fastmask.AVAILABLE:
         log.warning(
             "the C masking loop (proxy.policy._splice) is not built or TOPENG_PURE_PYTHON is set:"

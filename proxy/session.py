@@ -643,6 +643,19 @@ class Session:
         if watched is not None:
             self._fast_watched(watched)
 
+    @property
+    def scanners(self) -> tuple[MessageScanner, MessageScanner]:
+        """Fast mode: the header scanners of the client's and the server's streams."""
+        client, server = self._client_scan, self._server_scan
+        assert client is not None and server is not None
+        return client, server
+
+    def relayed(self, bytes_in: int, bytes_out: int) -> None:
+        """Fast mode: bytes forwarded outside this object (the relay thread); their messages
+        were counted into `scanners`."""
+        self._counters.bytes_in += bytes_in
+        self._counters.bytes_out += bytes_out
+
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client
         reader.feed(data)

@@ -107,6 +107,18 @@ UPSTREAM_CONNECT_DURATION = Histogram(
 TLS_HANDSHAKES = Counter(
     "topeng_tls_handshakes", "Client TLS handshakes by result.", ["result"], registry=REGISTRY
 )
+RELAY_HANDOVERS = Counter(
+    "topeng_relay_handovers",
+    "Times an unrestricted session was handed to the C relay thread.",
+    registry=REGISTRY,
+)
+RELAY_HANDBACKS = Counter(
+    "topeng_relay_handbacks",
+    "Times the relay thread handed a session back, by reason (chunk: a message that needs"
+    " Python; closed; write_error; recalled: Topeng took it back).",
+    ["reason"],
+    registry=REGISTRY,
+)
 BUILD_INFO = Gauge(
     "topeng_build_info",
     "Always 1; the version of the running Topeng.",
@@ -136,6 +148,8 @@ def _initialise() -> None:
         UPSTREAM_ERRORS.labels(kind)
     for result in ("ok", "error"):
         TLS_HANDSHAKES.labels(result)
+    for reason in ("chunk", "closed", "write_error", "recalled"):
+        RELAY_HANDBACKS.labels(reason)
 
 
 _initialise()

@@ -388,3 +388,67 @@ class MessageScanner:
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return not (self._skip or self._head or self._body_type >= 0)
+
+    # The relay thread (proxy/relay.py) walks headers exactly as feed() does; these hand the
+    # scanner's configuration and position to it and take them back.
+
+    def relay_config(self) -> ScanConfig:
+        """What the relay needs to walk this stream as feed() would."""
+        limits = self.limits
+        return (
+            _table(limits.allowed_types),
+            _table(limits.small_types),
+            _table(self.watch),
+            limits.small_limit,
+            limits.max_message,
+            self.status_type,
+            self.tag_type,
+            self.tag_prefixes,
+        )
+
+    def relay_state(self) -> ScanState:
+        """Where the stream is; None while a watched body is being collected (the relay does
+        not collect bodies)."""
+        if self._body_type >= 0:
+            return None
+        return (
+            self._skip,
+            self._head,
+            self.partial_type,
+            self.last_type,
+            self.last_status,
+            int(self.tag_seen),
+        )
+
+    def absorb(
+        self,
+        skip: int,
+        head: bytes,
+        partial_type: int,
+        last_type: int,
+        last_status: int,
+        tag_seen: int,
+        counts: list[tuple[int, int]],
+    ) -> None:
+        """Take over the position the relay reached and add the messages it counted."""
+        self._skip = skip
+        self._head = head
+        self.partial_type = partial_type
+        self.last_type = last_type
+        self.last_status = last_status
+        self.tag_seen = bool(tag_seen)
+        mine = self.counts
+        for mtype, count in counts:
+            mine[mtype] += count
+
+
+ScanConfig = tuple[bytes, bytes, bytes, int, int, int, int, tuple[bytes, ...]]
+"""(allowed, small, watch, small_limit, max_message, status_type, tag_type, tag_prefixes): the
+first three as 256-byte tables indexed by message type."""
+
+ScanState = tuple[int, bytes, int, int, int, int] | None
+"""(skip, head, partial_type, last_type, last_status, tag_seen) of a MessageScanner."""
+
+
+def _table(types: frozenset[int]) -> bytes:
+    return bytes(1 if t in types else 0 for t in range(256))

@@ -48,6 +48,8 @@ OPERATOR_METRICS = {
     "topeng_tls_handshakes": "counter",
     "topeng_analysis_cache_entries": "gauge",
     "topeng_build_info": "gauge",
+    "topeng_relay_handovers": "counter",
+    "topeng_relay_handbacks": "counter",
 }
 
 

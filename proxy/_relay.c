@@ -1,0 +1,905 @@
+/*
+ * proxy._relay: the byte relay of unrestricted plaintext sessions, in a C thread.
+ *
+ * An unrestricted session forwards what each side sends unchanged; Topeng only walks the
+ * message headers (counts, limits, the transaction status, DDL command tags, errors). In
+ * Python that costs one event-loop callback per chunk in each direction. Here one thread per
+ * process, with its own epoll set, reads a chunk from one socket, walks its headers exactly as
+ * proxy.wire.framing.MessageScanner does, and writes it to the other socket, without the GIL.
+ *
+ * A session is handed over by the event loop (Relay.add) with its two sockets (the asyncio
+ * transports stop reading but stay open and own the descriptors) and the state of its two
+ * scanners. The thread hands it back, with the state, whenever anything needs Python:
+ *
+ *   - a chunk with a message the scanner watches (ErrorResponse, CopyInResponse), a DDL
+ *     CommandComplete, a ReadyForQuery of unusual length, a watched message split across
+ *     chunks, or a header past the limits: the chunk comes back unforwarded and unscanned,
+ *     so the Python path judges it from the same state, byte for byte;
+ *   - end of stream or an error on either socket, on read or write.
+ *
+ * Bytes read and scanned but not yet written (a slow reader) come back too, to be written
+ * before anything else. The event loop can take a session back at any time (Relay.recall:
+ * shutdown, idle timeout, teardown) and read its counters without taking it back (Relay.peek).
+ * Hand-backs are announced on an eventfd the event loop watches (Relay.fileno, Relay.take).
+ *
+ * Locking: one mutex guards every session; the thread holds it while it handles a batch of
+ * epoll events, the event loop while it calls in. The thread never touches Python objects.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHUNK (256 * 1024)       /* bytes read at a time, as uvloop does */
+#define MAX_EVENTS 64
+#define MAX_PREFIXES 16
+#define MAX_PREFIX_LEN 64
+
+enum { CLIENT = 0, SERVER = 1 };
+enum { FREE = 0, ACTIVE = 1, RETURNED = 2 };
+
+/* Why a session came back (Relay.take, Relay.recall). */
+enum {
+    BACK_RECALLED = 0,
+    BACK_CHUNK = 1,      /* a chunk that needs the Python path (see chunk_side) */
+    BACK_CLOSED = 2,     /* end of stream or an error reading `side` */
+    BACK_WRITE_ERROR = 3 /* writing to `side` failed */
+};
+
+/* MessageScanner's state: what is left of a body, a split header, the last types seen. */
+typedef struct {
+    uint64_t skip;
+    unsigned char head[5];
+    int head_len;
+    int partial_type, last_type, last_status, tag_seen;
+} ScanState;
+
+typedef struct {
+    /* what to look for (copied from proxy.wire.framing.Limits and MessageScanner) */
+    unsigned char allowed[256];
+    unsigned char small[256];
+    unsigned char watch[256];
+    uint64_t small_limit; /* limits.small_limit + 4 */
+    uint64_t big_limit;   /* limits.max_message + 4 */
+    int status_type, tag_type;
+    int nprefixes;
+    size_t prefix_len[MAX_PREFIXES];
+    unsigned char prefix[MAX_PREFIXES][MAX_PREFIX_LEN];
+    ScanState st; /* where the stream is */
+    /* since the last collect */
+    uint64_t counts[256];
+    uint64_t bytes;
+} Scan;
+
+typedef struct {
+    int fd;
+    uint32_t events; /* the epoll interest registered for fd */
+    Scan scan;       /* of what is read from fd */
+    char *out;       /* scanned bytes waiting to be written to fd */
+    size_t out_len, out_off, out_cap;
+} Side;
+
+typedef struct Session {
+    int state;
+    uint32_t gen;
+    size_t index; /* its slot in Relay.table */
+    Side side[2];
+    double last_activity; /* CLOCK_MONOTONIC seconds of the last client chunk, 0: none */
+    int back, back_side;
+    char *chunk;          /* BACK_CHUNK: the chunk, unforwarded */
+    size_t chunk_len;
+    struct Session *next_back;
+} Session;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, evfd;
+    int started, stopping;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    Session **table;
+    size_t ntable, cap;
+    Session *back_head, *back_tail;
+    unsigned char *buf;       /* the thread's read buffer */
+    unsigned char *seen;      /* the types of one chunk's headers, counted if it is forwarded */
+    PyObject *error_class;
+} Relay;
+
+static double
+now_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static uint64_t
+make_key(size_t index, uint32_t gen, int side)
+{
+    return ((uint64_t)index << 33) | ((uint64_t)gen << 1) | (uint64_t)side;
+}
+
+/* A session's id for Python: its slot and the slot's generation, so an id is never reused
+ * (a slot's generation moves on each time it is freed). */
+static uint64_t
+session_id(const Session *s)
+{
+    return ((uint64_t)s->gen << 32) | (uint64_t)s->index;
+}
+
+/* ------------------------------------------------------------------ scanning */
+
+enum { PLAIN = 0, NEEDS_PYTHON = 1 };
+
+static int
+has_prefix(const Scan *s, const unsigned char *p, size_t avail)
+{
+    for (int i = 0; i < s->nprefixes; i++) {
+        size_t len = s->prefix_len[i];
+        if (len <= avail && memcmp(p, s->prefix[i], len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * One message header: type `t`, length field `len`, its body from d[body] (d holds n bytes).
+ * Returns PLAIN with *next set to where the next header starts (> n: the body runs past the
+ * chunk, and st->skip is set), or NEEDS_PYTHON. Mirrors MessageScanner.feed's loop body.
+ */
+static int
+on_header(const Scan *cfg, ScanState *st, const unsigned char *d, size_t n, int t, uint64_t len, size_t body,
+          unsigned char *seen, size_t *nseen, size_t *next)
+{
+    if (!cfg->allowed[t] || len < 4 ||
+        len > (cfg->small[t] ? cfg->small_limit : cfg->big_limit))
+        return NEEDS_PYTHON; /* the Python scanner raises the ProtocolViolation */
+    size_t end = body + (size_t)(len - 4);
+    if (cfg->watch[t]) {
+        if (end > n)
+            return NEEDS_PYTHON; /* a watched body split across chunks */
+        if (t == cfg->status_type && len == 5)
+            st->last_status = d[body];
+        else if (t == cfg->tag_type) {
+            if (has_prefix(cfg, d + body, end - body))
+                return NEEDS_PYTHON; /* DDL: the schema catalog goes stale first */
+        } else
+            return NEEDS_PYTHON;
+    }
+    seen[(*nseen)++] = (unsigned char)t;
+    st->last_type = t;
+    if (end > n) {
+        st->skip = end - n;
+        st->partial_type = t;
+    }
+    *next = end;
+    return PLAIN;
+}
+
+/*
+ * Walks a chunk's headers. PLAIN: the state has advanced past it and its counts are added.
+ * NEEDS_PYTHON: the state is as it was before the chunk.
+ */
+static int
+scan_chunk(Scan *s, const unsigned char *d, size_t n, unsigned char *seen)
+{
+    ScanState st = s->st;
+    size_t nseen = 0, pos = 0;
+    if (st.skip) {
+        if (st.skip >= n) {
+            st.skip -= n;
+            if (!st.skip)
+                st.partial_type = -1;
+            goto done;
+        }
+        pos = (size_t)st.skip;
+        st.skip = 0;
+        st.partial_type = -1;
+    }
+    if (st.head_len) {
+        size_t need = 5 - (size_t)st.head_len;
+        size_t have = n - pos < need ? n - pos : need;
+        memcpy(st.head + st.head_len, d + pos, have);
+        st.head_len += (int)have;
+        pos += have;
+        if (st.head_len < 5)
+            goto done;
+        st.head_len = 0;
+        uint64_t len = ((uint64_t)st.head[1] << 24) | ((uint64_t)st.head[2] << 16) |
+                       ((uint64_t)st.head[3] << 8) | (uint64_t)st.head[4];
+        int t = st.head[0];
+        /* The body starts at pos; a watched type needs its body in this chunk. */
+        if (on_header(s, &st, d, n, t, len, pos, seen, &nseen, &pos) != PLAIN)
+            return NEEDS_PYTHON;
+        if (pos >= n)
+            goto done;
+    }
+    while (pos < n) {
+        if (n - pos < 5) {
+            memcpy(st.head, d + pos, n - pos);
+            st.head_len = (int)(n - pos);
+            break;
+        }
+        int t = d[pos];
+        uint64_t len = ((uint64_t)d[pos + 1] << 24) | ((uint64_t)d[pos + 2] << 16) |
+                       ((uint64_t)d[pos + 3] << 8) | (uint64_t)d[pos + 4];
+        size_t next;
+        if (on_header(s, &st, d, n, t, len, pos + 5, seen, &nseen, &next) != PLAIN)
+            return NEEDS_PYTHON;
+        pos = next;
+    }
+done:
+    for (size_t i = 0; i < nseen; i++)
+        s->counts[seen[i]]++;
+    s->bytes += n;
+    s->st = st;
+    return PLAIN;
+}
+
+/* ------------------------------------------------------------------ the relay thread */
+
+static void
+set_interest(Relay *r, Session *s, size_t index, int which)
+{
+    Side *me = &s->side[which];
+    Side *other = &s->side[which ^ 1];
+    uint32_t want = 0;
+    if (other->out_len == other->out_off)
+        want |= EPOLLIN; /* read only while what was read before has gone out */
+    if (me->out_len != me->out_off)
+        want |= EPOLLOUT;
+    if (want == me->events)
+        return;
+    struct epoll_event ev = {.events = want, .data.u64 = make_key(index, s->gen, which)};
+    epoll_ctl(r->epfd, EPOLL_CTL_MOD, me->fd, &ev);
+    me->events = want;
+}
+
+static void
+unregister(Relay *r, Session *s)
+{
+    for (int i = 0; i < 2; i++) {
+        if (s->side[i].events != (uint32_t)-1) {
+            epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->side[i].fd, NULL);
+            s->side[i].events = (uint32_t)-1;
+        }
+    }
+}
+
+static void
+hand_back(Relay *r, Session *s, int why, int side)
+{
+    unregister(r, s);
+    s->state = RETURNED;
+    s->back = why;
+    s->back_side = side;
+    s->next_back = NULL;
+    if (r->back_tail)
+        r->back_tail->next_back = s;
+    else
+        r->back_head = s;
+    r->back_tail = s;
+    uint64_t one = 1;
+    ssize_t w = write(r->evfd, &one, sizeof one);
+    (void)w; /* the counter cannot overflow: the event loop reads it */
+}
+
+static int
+keep(Side *to, const unsigned char *d, size_t n)
+{
+    if (to->out_off == to->out_len)
+        to->out_off = to->out_len = 0;
+    if (to->out_len + n > to->out_cap) {
+        size_t cap = to->out_cap ? to->out_cap : CHUNK;
+        while (cap < to->out_len + n)
+            cap *= 2;
+        char *grown = realloc(to->out, cap);
+        if (!grown)
+            return -1;
+        to->out = grown;
+        to->out_cap = cap;
+    }
+    memcpy(to->out + to->out_len, d, n);
+    to->out_len += n;
+    return 0;
+}
+
+/* Writes what waits for `to`. 0: done or would block; -1: the socket failed. */
+static int
+flush_out(Side *to)
+{
+    while (to->out_off < to->out_len) {
+        ssize_t w = send(to->fd, to->out + to->out_off, to->out_len - to->out_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            return -1;
+        }
+        to->out_off += (size_t)w;
+    }
+    to->out_off = to->out_len = 0;
+    return 0;
+}
+
+static void
+on_readable(Relay *r, Session *s, int from)
+{
+    Side *src = &s->side[from];
+    Side *dst = &s->side[from ^ 1];
+    if (dst->out_off != dst->out_len)
+        return; /* still writing the last chunk: read when it has gone */
+    ssize_t got;
+    do {
+        got = recv(src->fd, r->buf, CHUNK, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    if (got <= 0) {
+        hand_back(r, s, BACK_CLOSED, from); /* the event loop reads the end (or error) itself */
+        return;
+    }
+    size_t n = (size_t)got;
+    if (scan_chunk(&src->scan, r->buf, n, r->seen) != PLAIN) {
+        s->chunk = malloc(n);
+        if (s->chunk) {
+            memcpy(s->chunk, r->buf, n);
+            s->chunk_len = n;
+            hand_back(r, s, BACK_CHUNK, from);
+        } else {
+            hand_back(r, s, BACK_CLOSED, from); /* out of memory: end the session */
+        }
+        return;
+    }
+    if (from == CLIENT)
+        s->last_activity = now_monotonic();
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = send(dst->fd, r->buf + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            keep(dst, r->buf + done, n - done);
+            hand_back(r, s, BACK_WRITE_ERROR, from ^ 1);
+            return;
+        }
+        done += (size_t)w;
+    }
+    if (done < n && keep(dst, r->buf + done, n - done) < 0) {
+        hand_back(r, s, BACK_CLOSED, from);
+        return;
+    }
+}
+
+static Session *
+lookup(Relay *r, uint64_t key, size_t *index)
+{
+    size_t i = (size_t)(key >> 33);
+    uint32_t gen = (uint32_t)(key >> 1);
+    if (i >= r->ntable)
+        return NULL;
+    Session *s = r->table[i];
+    if (!s || s->state != ACTIVE || s->gen != gen)
+        return NULL;
+    *index = i;
+    return s;
+}
+
+static void *
+relay_main(void *arg)
+{
+    Relay *r = (Relay *)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the event loop's */
+    struct epoll_event evs[MAX_EVENTS];
+    for (;;) {
+        int n = epoll_wait(r->epfd, evs, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        pthread_mutex_lock(&r->lock);
+        if (r->stopping) {
+            pthread_mutex_unlock(&r->lock);
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            size_t index;
+            Session *s = lookup(r, evs[i].data.u64, &index);
+            if (!s)
+                continue; /* taken back or handed back since epoll_wait returned */
+            int which = (int)(evs[i].data.u64 & 1);
+            uint32_t e = evs[i].events;
+            if (e & (EPOLLERR | EPOLLHUP)) {
+                /* Reported whatever the interest: the event loop reads the error or the end
+                 * itself (waiting here for the other side to drain would spin). */
+                hand_back(r, s, BACK_CLOSED, which);
+                continue;
+            }
+            if ((e & EPOLLOUT) && flush_out(&s->side[which]) < 0) {
+                hand_back(r, s, BACK_WRITE_ERROR, which);
+                continue;
+            }
+            if ((e & EPOLLIN) && (s->side[which].events & EPOLLIN))
+                on_readable(r, s, which);
+            if (s->state == ACTIVE) {
+                set_interest(r, s, index, CLIENT);
+                set_interest(r, s, index, SERVER);
+            }
+        }
+        pthread_mutex_unlock(&r->lock);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ Python side */
+
+static int
+bytes_table(PyObject *o, unsigned char *table, const char *what)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view.len != 256) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "%s: a table of 256 bytes is needed", what);
+        return -1;
+    }
+    memcpy(table, view.buf, 256);
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+/* config: (allowed, small, watch, small_limit, max_message, status_type, tag_type, prefixes)
+ * state:  (skip, head, partial_type, last_type, last_status, tag_seen) */
+static int
+load_scan(Scan *s, PyObject *config, PyObject *state)
+{
+    PyObject *allowed, *small, *watch, *prefixes, *head;
+    unsigned long long small_limit, max_message, skip;
+    int status_type, tag_type, partial, last, last_status, tag_seen;
+    if (!PyArg_ParseTuple(config, "OOOKKiiO!;relay config", &allowed, &small, &watch,
+                          &small_limit, &max_message, &status_type, &tag_type, &PyTuple_Type,
+                          &prefixes))
+        return -1;
+    if (!PyArg_ParseTuple(state, "KSiiii;relay scanner state", &skip, &head, &partial, &last,
+                          &last_status, &tag_seen))
+        return -1;
+    if (bytes_table(allowed, s->allowed, "allowed") < 0 ||
+        bytes_table(small, s->small, "small") < 0 || bytes_table(watch, s->watch, "watch") < 0)
+        return -1;
+    s->small_limit = small_limit + 4;
+    s->big_limit = max_message + 4;
+    s->status_type = status_type;
+    s->tag_type = tag_type;
+    Py_ssize_t np = PyTuple_GET_SIZE(prefixes);
+    if (np > MAX_PREFIXES) {
+        PyErr_SetString(PyExc_ValueError, "too many tag prefixes");
+        return -1;
+    }
+    s->nprefixes = (int)np;
+    for (Py_ssize_t i = 0; i < np; i++) {
+        PyObject *p = PyTuple_GET_ITEM(prefixes, i);
+        if (!PyBytes_Check(p) || PyBytes_GET_SIZE(p) > MAX_PREFIX_LEN) {
+            PyErr_SetString(PyExc_ValueError, "a tag prefix is bytes of at most 64");
+            return -1;
+        }
+        s->prefix_len[i] = (size_t)PyBytes_GET_SIZE(p);
+        memcpy(s->prefix[i], PyBytes_AS_STRING(p), s->prefix_len[i]);
+    }
+    Py_ssize_t hl = PyBytes_GET_SIZE(head);
+    if (hl > 4) {
+        PyErr_SetString(PyExc_ValueError, "a split header is at most 4 bytes");
+        return -1;
+    }
+    memcpy(s->st.head, PyBytes_AS_STRING(head), (size_t)hl);
+    s->st.head_len = (int)hl;
+    s->st.skip = skip;
+    s->st.partial_type = partial;
+    s->st.last_type = last;
+    s->st.last_status = last_status;
+    s->st.tag_seen = tag_seen;
+    memset(s->counts, 0, sizeof s->counts);
+    s->bytes = 0;
+    return 0;
+}
+
+/* (skip, head, partial_type, last_type, last_status, tag_seen, counts, bytes); counts and
+ * bytes are what was added since the last collect, which starts them again from zero. */
+static PyObject *
+collect_scan(Scan *s)
+{
+    PyObject *counts = PyList_New(0);
+    if (!counts)
+        return NULL;
+    for (int t = 0; t < 256; t++) {
+        if (!s->counts[t])
+            continue;
+        PyObject *pair = Py_BuildValue("(iK)", t, (unsigned long long)s->counts[t]);
+        if (!pair || PyList_Append(counts, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(counts);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    const ScanState *st = &s->st;
+    PyObject *out = Py_BuildValue("(Ky#iiiiNK)", (unsigned long long)st->skip, st->head,
+                                  (Py_ssize_t)st->head_len, st->partial_type, st->last_type,
+                                  st->last_status, st->tag_seen, counts,
+                                  (unsigned long long)s->bytes);
+    if (!out)
+        return NULL;
+    memset(s->counts, 0, sizeof s->counts);
+    s->bytes = 0;
+    return out;
+}
+
+static PyObject *
+pending(Side *side)
+{
+    return PyBytes_FromStringAndSize(side->out + side->out_off,
+                                     (Py_ssize_t)(side->out_len - side->out_off));
+}
+
+/* (id, back, back_side, client, server, last_activity, to_client, to_server, chunk) */
+static PyObject *
+collect(Session *s, int whole)
+{
+    PyObject *client = collect_scan(&s->side[CLIENT].scan);
+    PyObject *server = client ? collect_scan(&s->side[SERVER].scan) : NULL;
+    if (!server) {
+        Py_XDECREF(client);
+        return NULL;
+    }
+    unsigned long long id = (unsigned long long)session_id(s);
+    if (!whole)
+        return Py_BuildValue("(KiiNNdyyy)", id, s->back, s->back_side, client,
+                             server, s->last_activity, "", "", "");
+    PyObject *to_client = pending(&s->side[CLIENT]);
+    PyObject *to_server = pending(&s->side[SERVER]);
+    PyObject *chunk = PyBytes_FromStringAndSize(s->chunk ? s->chunk : "",
+                                                (Py_ssize_t)s->chunk_len);
+    if (!to_client || !to_server || !chunk) {
+        Py_DECREF(client);
+        Py_DECREF(server);
+        Py_XDECREF(to_client);
+        Py_XDECREF(to_server);
+        Py_XDECREF(chunk);
+        return NULL;
+    }
+    return Py_BuildValue("(KiiNNdNNN)", id, s->back, s->back_side, client,
+                         server, s->last_activity, to_client, to_server, chunk);
+}
+
+static void
+free_session(Relay *r, size_t index)
+{
+    Session *s = r->table[index];
+    free(s->side[CLIENT].out);
+    free(s->side[SERVER].out);
+    free(s->chunk);
+    s->side[CLIENT].out = s->side[SERVER].out = NULL;
+    s->chunk = NULL;
+    s->chunk_len = 0;
+    s->side[CLIENT].out_len = s->side[CLIENT].out_off = s->side[CLIENT].out_cap = 0;
+    s->side[SERVER].out_len = s->side[SERVER].out_off = s->side[SERVER].out_cap = 0;
+    s->state = FREE;
+    s->gen++; /* stale epoll events for this slot no longer match */
+}
+
+static void
+unlink_back(Relay *r, Session *s)
+{
+    Session *prev = NULL;
+    for (Session *p = r->back_head; p; prev = p, p = p->next_back) {
+        if (p != s)
+            continue;
+        if (prev)
+            prev->next_back = p->next_back;
+        else
+            r->back_head = p->next_back;
+        if (r->back_tail == p)
+            r->back_tail = prev;
+        p->next_back = NULL;
+        return;
+    }
+}
+
+static int
+start_thread(Relay *r)
+{
+    if (r->started)
+        return 0;
+    int err = pthread_create(&r->thread, NULL, relay_main, r);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    r->started = 1;
+    Py_INCREF(r); /* the thread uses it for the life of the process */
+    return 0;
+}
+
+static PyObject *
+Relay_add(Relay *r, PyObject *args)
+{
+    int cfd, sfd;
+    PyObject *ccfg, *scfg, *cstate, *sstate;
+    if (!PyArg_ParseTuple(args, "iiOOOO", &cfd, &sfd, &ccfg, &scfg, &cstate, &sstate))
+        return NULL;
+    Session fresh;
+    memset(&fresh, 0, sizeof fresh);
+    if (load_scan(&fresh.side[CLIENT].scan, ccfg, cstate) < 0 ||
+        load_scan(&fresh.side[SERVER].scan, scfg, sstate) < 0)
+        return NULL;
+    if (start_thread(r) < 0)
+        return NULL;
+    pthread_mutex_lock(&r->lock);
+    size_t index = r->ntable;
+    for (size_t i = 0; i < r->ntable; i++) {
+        if (r->table[i]->state == FREE) {
+            index = i;
+            break;
+        }
+    }
+    if (index == r->ntable) {
+        if (r->ntable == r->cap) {
+            size_t cap = r->cap ? r->cap * 2 : 64;
+            Session **grown = realloc(r->table, cap * sizeof *grown);
+            if (!grown) {
+                pthread_mutex_unlock(&r->lock);
+                return PyErr_NoMemory();
+            }
+            r->table = grown;
+            r->cap = cap;
+        }
+        Session *slot = calloc(1, sizeof *slot);
+        if (!slot) {
+            pthread_mutex_unlock(&r->lock);
+            return PyErr_NoMemory();
+        }
+        r->table[r->ntable++] = slot;
+    }
+    Session *s = r->table[index];
+    uint32_t gen = s->gen;
+    *s = fresh;
+    s->gen = gen;
+    s->index = index;
+    s->state = ACTIVE;
+    s->back = BACK_RECALLED;
+    s->back_side = -1;
+    s->side[CLIENT].fd = cfd;
+    s->side[SERVER].fd = sfd;
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = make_key(index, s->gen, i)};
+        if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, s->side[i].fd, &ev) < 0) {
+            int err = errno;
+            if (i == 1) {
+                epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->side[0].fd, NULL);
+            }
+            s->side[0].events = s->side[1].events = (uint32_t)-1;
+            free_session(r, index);
+            pthread_mutex_unlock(&r->lock);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        s->side[i].events = EPOLLIN;
+    }
+    uint64_t id = session_id(s);
+    pthread_mutex_unlock(&r->lock);
+    return PyLong_FromUnsignedLongLong((unsigned long long)id);
+}
+
+static Session *
+find(Relay *r, PyObject *arg, size_t *index)
+{
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    size_t i = (size_t)(id & 0xffffffffu);
+    uint32_t gen = (uint32_t)(id >> 32);
+    if (i >= r->ntable || r->table[i]->state == FREE || r->table[i]->gen != gen) {
+        PyErr_Format(PyExc_KeyError, "no relayed session %llu", id);
+        return NULL;
+    }
+    *index = i;
+    return r->table[i];
+}
+
+static PyObject *
+Relay_recall(Relay *r, PyObject *arg)
+{
+    pthread_mutex_lock(&r->lock);
+    size_t index;
+    Session *s = find(r, arg, &index);
+    PyObject *out = NULL;
+    if (s) {
+        if (s->state == ACTIVE)
+            unregister(r, s);
+        else
+            unlink_back(r, s);
+        out = collect(s, 1);
+        if (out)
+            free_session(r, index);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return out;
+}
+
+static PyObject *
+Relay_peek(Relay *r, PyObject *arg)
+{
+    pthread_mutex_lock(&r->lock);
+    size_t index;
+    Session *s = find(r, arg, &index);
+    PyObject *out = s ? collect(s, 0) : NULL;
+    pthread_mutex_unlock(&r->lock);
+    return out;
+}
+
+static PyObject *
+Relay_take(Relay *r, PyObject *unused)
+{
+    uint64_t count;
+    ssize_t got = read(r->evfd, &count, sizeof count); /* nonblocking: EAGAIN when none */
+    (void)got;
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    pthread_mutex_lock(&r->lock);
+    while (r->back_head) {
+        Session *s = r->back_head;
+        size_t index = s->index;
+        PyObject *item = collect(s, 1);
+        if (!item || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            pthread_mutex_unlock(&r->lock);
+            return NULL;
+        }
+        Py_DECREF(item);
+        r->back_head = s->next_back;
+        if (!r->back_head)
+            r->back_tail = NULL;
+        s->next_back = NULL;
+        free_session(r, index);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return list;
+}
+
+static PyObject *
+Relay_fileno(Relay *r, PyObject *unused)
+{
+    return PyLong_FromLong(r->evfd);
+}
+
+static PyObject *
+Relay_active(Relay *r, PyObject *unused)
+{
+    size_t count = 0;
+    pthread_mutex_lock(&r->lock);
+    for (size_t i = 0; i < r->ntable; i++)
+        count += r->table[i]->state != FREE;
+    pthread_mutex_unlock(&r->lock);
+    return PyLong_FromSize_t(count);
+}
+
+static PyObject *
+Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Relay() takes no arguments");
+        return NULL;
+    }
+    Relay *r = (Relay *)type->tp_alloc(type, 0);
+    if (!r)
+        return NULL;
+    r->epfd = r->evfd = -1;
+    r->buf = malloc(CHUNK);
+    r->seen = malloc(CHUNK / 5 + 2);
+    if (!r->buf || !r->seen) {
+        Py_DECREF(r);
+        return PyErr_NoMemory();
+    }
+    pthread_mutex_init(&r->lock, NULL);
+    r->epfd = epoll_create1(EPOLL_CLOEXEC);
+    r->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->epfd < 0 || r->evfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+static void
+Relay_dealloc(Relay *r)
+{
+    /* A Relay whose thread started holds a reference to itself, so only one that never
+     * started a thread gets here. */
+    {
+        for (size_t i = 0; i < r->ntable; i++) {
+            if (r->table[i]->state != FREE)
+                free_session(r, i);
+            free(r->table[i]);
+        }
+        free(r->table);
+        free(r->buf);
+        free(r->seen);
+        if (r->epfd >= 0)
+            close(r->epfd);
+        if (r->evfd >= 0)
+            close(r->evfd);
+        pthread_mutex_destroy(&r->lock);
+    }
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"add", (PyCFunction)Relay_add, METH_VARARGS,
+     "add(client_fd, server_fd, client_config, server_config, client_state, server_state)"
+     " -> id: relay a session until it needs Python"},
+    {"recall", (PyCFunction)Relay_recall, METH_O, "recall(id) -> state: take a session back"},
+    {"peek", (PyCFunction)Relay_peek, METH_O,
+     "peek(id) -> state: a session's counters and scanner state, leaving it relayed"},
+    {"take", (PyCFunction)Relay_take, METH_NOARGS,
+     "take() -> [state]: the sessions the thread handed back"},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
+     "the eventfd that is readable when sessions were handed back"},
+    {"active", (PyCFunction)Relay_active, METH_NOARGS, "sessions relayed or waiting to be taken"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "proxy._relay.Relay",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The relay thread of unrestricted plaintext sessions (one per process).",
+    .tp_new = Relay_new,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_methods = Relay_methods,
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT, "proxy._relay",
+    "The byte relay of unrestricted plaintext sessions, in a C thread (see proxy/relay.py).",
+    -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__relay(void)
+{
+    if (PyType_Ready(&RelayType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&relay_module);
+    if (!module)
+        return NULL;
+    Py_INCREF(&RelayType);
+    if (PyModule_AddObject(module, "Relay", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddIntConstant(module, "BACK_RECALLED", BACK_RECALLED) < 0 ||
+        PyModule_AddIntConstant(module, "BACK_CHUNK", BACK_CHUNK) < 0 ||
+        PyModule_AddIntConstant(module, "BACK_CLOSED", BACK_CLOSED) < 0 ||
+        PyModule_AddIntConstant(module, "BACK_WRITE_ERROR", BACK_WRITE_ERROR) < 0 ||
+        PyModule_AddIntConstant(module, "CHUNK", CHUNK) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
