@@ -192,9 +192,9 @@ class Driver:
     def stream(self, data: bytes, chunks: list[int], *, from_server: bool = True) -> bytes:
         """Sends `data` in pieces of the given sizes from one app end; returns what reached
         the other app end."""
-        src, dst = (
-            (self.server_app, self.client_app) if from_server else (self.client_app, self.server_app)
-        )
+        src, dst = self.server_app, self.client_app
+        if not from_server:
+            src, dst = dst, src
         got = bytearray()
         pos, i = 0, 0
         deadline = time.monotonic() + 30
