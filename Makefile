@@ -33,18 +33,22 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
-# The C masking loop under AddressSanitizer and UBSan: rebuilt with them for the run of the
-# masking tests, then the normal build is put back.
+# The C modules (masking loop, relay) under AddressSanitizer and UBSan: rebuilt with them for
+# the run of their tests, then the normal builds are put back.
 asan: $(STAMP)
-	@set -e; so=$$($(PY) -c "import proxy.policy._splice as m; print(m.__file__)"); \
-	cp "$$so" "$$so.keep"; trap 'mv -f "$$so.keep" "$$so"' EXIT; \
-	gcc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fPIC -shared \
-	    -I"$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")" \
-	    proxy/policy/_splice.c -o "$$so"; \
+	@set -e; inc="$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")"; \
+	splice=$$($(PY) -c "import proxy.policy._splice as m; print(m.__file__)"); \
+	relay=$$($(PY) -c "import proxy._relay as m; print(m.__file__)"); \
+	cp "$$splice" "$$splice.keep"; cp "$$relay" "$$relay.keep"; \
+	trap 'mv -f "$$splice.keep" "$$splice"; mv -f "$$relay.keep" "$$relay"' EXIT; \
+	for pair in "proxy/policy/_splice.c:$$splice" "proxy/_relay.c:$$relay"; do \
+	    gcc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fPIC -shared \
+	        -I"$$inc" "$${pair%%:*}" -o "$${pair#*:}"; \
+	done; \
 	PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fastmask.py tests/unit/test_masks.py \
-	    tests/unit/test_session_tracked.py
+	    tests/unit/test_session_tracked.py tests/unit/test_relay.py
 
 # Long forms of the fuzz and soak suites (make test runs their quick forms).
 # TOPENG_FUZZ_SECONDS (default 300) is a wall-clock budget for all the fuzz tests together,
