@@ -612,7 +612,12 @@ class Connection:
         cscan, sscan = session.scanners
         ct.pause_reading()
         ut.pause_reading()
-        rid = relay.add(fds[0], fds[1], cscan, sscan, self._relay_back)
+        try:
+            rid = relay.add(fds[0], fds[1], cscan, sscan, self._relay_back)
+        except OSError as exc:  # epoll refused the sockets: relay this one in Python
+            log.warning("client %s: the relay thread cannot take the session: %s", self.peer, exc)
+            self._relay_fds = None
+            rid = None
         if rid is None:
             ct.resume_reading()
             ut.resume_reading()

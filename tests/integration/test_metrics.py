@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import BANK_RULES, TopengProcess, free_port, wait_until
+from harness import BANK_RULES, TopengProcess, free_port, needs_tool, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import relay as relays
 from proxy.sampledata import DEMO_USERS
 
 StartTopeng = Callable[..., TopengProcess]
@@ -152,6 +153,48 @@ def test_traffic_moves_each_metric(start_topeng: StartTopeng) -> None:
     # Low-cardinality labels only: no user names anywhere in the exposition.
     _, text = http_get(proxy.metrics_url + "/metrics")
     assert "agent_citra" not in text and "dba_ani" not in text
+
+
+def test_unrestricted_sessions_go_through_the_c_relay(start_topeng: StartTopeng) -> None:
+    """A DBA's session is relayed by the C thread, comes back to Python for an error and goes
+    on; what the thread relayed is counted as if Python had seen it. With TOPENG_PURE_PYTHON
+    nothing is relayed in C, and the counts are the same."""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    counted = {}
+    for pure in (False, True):
+        proxy = start_topeng(env={"TOPENG_PURE_PYTHON": "1"} if pure else None)
+        _, before = scrape(proxy)
+        with connect(proxy, "dba_ani") as conn:
+            rows = conn.execute("SELECT g, repeat('x', g % 97) FROM generate_series(1, 40000) g")
+            assert [r[0] for r in rows.fetchall()] == list(range(1, 40001))
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1/0")
+            assert conn.execute("SELECT count(*) FROM bank.customers").fetchone() == (2000,)
+        wait_until(
+            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 1,
+            "the connection counted as ended ok",
+        )
+        _, after = scrape(proxy)
+
+        def delta(
+            name: str, after: Samples = after, before: Samples = before, **labels: str
+        ) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        handovers = delta("topeng_relay_handovers_total")
+        chunk_backs = delta("topeng_relay_handbacks_total", reason="chunk")
+        if pure:
+            assert handovers == 0 and chunk_backs == 0
+        else:
+            assert handovers >= 2, "handed over at the start and again after the error"
+            assert chunk_backs >= 1, "the ErrorResponse came back to Python"
+        counted[pure] = (
+            delta("topeng_rows_total", role="dba"),
+            delta("topeng_queries_total", role="dba", decision="allowed"),
+        )
+        proxy.stop()
+    assert counted[False] == counted[True] == (40001, 3)
 
 
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:

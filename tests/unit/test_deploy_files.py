@@ -133,8 +133,9 @@ def test_dockerfile() -> None:
             continue
         for source in sources:
             assert (ROOT / source).exists(), source
-    # the runtime stage checks that the C masking loop was built
+    # the runtime stage checks that both C modules were built
     assert any("fastmask.AVAILABLE" in rest for rest in get("RUN"))
+    assert any("relay.AVAILABLE" in rest for rest in get("RUN"))
 
 
 # -- docker-compose -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from harness import needs_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +31,15 @@ from proxy.wire.framing import (
     ProtocolViolation,
 )
 
-pytestmark = pytest.mark.skipif(not relays.AVAILABLE, reason="the C relay is not built")
-
 if relays.AVAILABLE:
     from proxy import _relay
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+
 
 READY, CMD_COMPLETE, ERROR, COPY_IN, DATA_ROW = (ord(c) for c in "ZCEGD")
 WATCHED = frozenset((COPY_IN, ERROR))
