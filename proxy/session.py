@@ -759,7 +759,7 @@ class Session:
                 out.append(raw)
                 continue
             if mtype == Q:
-                self._client_query(m.Query.decode(body, self.client_codec).sql, raw)
+                self._client_query(m.query_sql(body, self.client_codec), raw)
             elif mtype == P:
                 self._client_parse(m.Parse.decode(body, self.client_codec), raw)
             elif mtype == B:
@@ -802,14 +802,22 @@ class Session:
     def _whole_request(self, data: bytes) -> bool:
         """Handles `data` if it is one of the common whole requests; False if not (nothing was
         done: the general loop reads it)."""
+        size = len(data)
+        if size < 5:
+            return False
+        codec = self.client_codec
+        if data[0] == Q:
+            (length,) = INT32.unpack_from(data, 1)
+            if length != size - 1 or length > self._client.longest[Q]:
+                return False
+            self._client_query(m.query_sql(data[5:], codec), data)
+            return True
+        if data[0] != B:
+            return False
         walked = _whole_messages(data, self._client.longest)
         if walked is None:
             return False
         types, starts = walked
-        codec = self.client_codec
-        if types == b"Q":
-            self._client_query(m.Query.decode(data[5:], codec).sql, data)
-            return True
         if types != b"BDES" and types != b"BES":
             return False
         view = memoryview(data)

@@ -221,14 +221,7 @@ class Query:
 
     @classmethod
     def decode(cls, body: Body, encoding: str = "utf-8") -> Query:
-        b = body if type(body) is bytes else bytes(body)
-        end = len(b) - 1
-        if end >= 0 and b.find(0) == end:
-            try:
-                return cls(b[:end].decode(encoding))
-            except UnicodeDecodeError:
-                pass
-        return cls._decode_checked(b, encoding)
+        return cls(query_sql(body, encoding))
 
     @classmethod
     def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Query:
@@ -239,6 +232,18 @@ class Query:
 
     def encode(self) -> bytes:
         return frame(self.TYPE, cstr(self.sql))
+
+
+def query_sql(body: Body, encoding: str = "utf-8") -> str:
+    """The SQL of a Query body, without building the message object."""
+    b = body if type(body) is bytes else bytes(body)
+    end = len(b) - 1
+    if end >= 0 and b.find(0) == end:
+        try:
+            return b[:end].decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return Query._decode_checked(b, encoding).sql  # raises, saying what is wrong
 
 
 @dataclass(frozen=True, slots=True)
