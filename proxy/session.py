@@ -311,11 +311,9 @@ _STATUS: Final = {ord("I"): "I", ord("T"): "T", ord("E"): "E"}
 _Group = tuple[int, int, int, int, int, int]
 
 
-def _whole_messages(
-    data: bytes, longest: tuple[int, ...], most: int = 4
-) -> tuple[bytes, list[int]] | None:
-    """The types of the messages `data` consists of, and where each starts (with the end of
-    the last): when it is at most `most` whole messages of acceptable lengths, else None."""
+def _whole_messages(data: bytes, longest: tuple[int, ...], most: int = 4) -> list[int] | None:
+    """Where each message of `data` starts, and the end of the last: when `data` is at most
+    `most` whole messages of acceptable lengths, else None."""
     size = len(data)
     unpack = TYPED_HEADER.unpack_from
     pos = 0
@@ -330,9 +328,8 @@ def _whole_messages(
         pos += 1 + length
     if pos != size:
         return None
-    types = bytes([data[at] for at in starts])
     starts.append(size)
-    return types, starts
+    return starts
 
 
 def _reply_group(data: bytes, pos: int, longest: tuple[int, ...], opening: bytes) -> _Group | None:
@@ -814,15 +811,24 @@ class Session:
             return True
         if data[0] != B:
             return False
-        walked = _whole_messages(data, self._client.longest)
-        if walked is None:
+        starts = _whole_messages(data, self._client.longest)
+        if starts is None or data[starts[-2]] != S or data[starts[-3]] != E:
             return False
-        types, starts = walked
-        if types != b"BDES" and types != b"BES":
-            return False
+        count = len(starts) - 1
+        if count == 4 and data[starts[1]] == DESC:
+            self._whole_batch(data, starts, describe=True)
+            return True
+        if count == 3:
+            self._whole_batch(data, starts, describe=False)
+            return True
+        return False
+
+    def _whole_batch(self, data: bytes, starts: list[int], *, describe: bool) -> None:
+        """Bind, [Describe,] Execute, Sync, in one chunk (`starts`: where each begins)."""
+        codec = self.client_codec
         view = memoryview(data)
         bind = m.bind_target(data[5 : starts[1]], codec)
-        if types == b"BDES":
+        if describe:
             at, end = starts[1], starts[2]
             kind, name = m.describe_target(data[at + 5 : end], codec)
             self._client_bind(*bind, view[: starts[1]])
@@ -830,9 +836,14 @@ class Session:
         else:
             self._client_bind(*bind, view[: starts[1]])
         at, end = starts[-3], starts[-2]
-        self._client_execute(*m.execute_target(data[at + 5 : end], codec), view[at:end])
+        executed = view[at:end]
+        self._client_execute(*m.execute_target(data[at + 5 : end], codec), executed)
         self._client_sync(view[end:])
-        return True
+        parts = self._to_server
+        if len(parts) == len(starts) - 1 and parts[-2] is executed:
+            # Each message went on as it came (Bind, Describe and Sync always do; the Execute
+            # was neither refused nor preceded by Topeng's own Describe): the chunk goes whole.
+            parts[:] = [data]
 
     def _client_sync(self, raw: memoryview) -> None:
         self._queue.append(Pending(Kind.SYNC))
@@ -963,16 +974,16 @@ class Session:
             portal.described = True
             self._queue.append(Pending(Kind.DESCRIBE_PORTAL, portal=portal, hidden=True))
             self._to_server.append(m.Describe("P", portal_name).encode())
-        record = StatementRecord("", "allowed", self.clock())
-        if portal is not None:
-            record.sql = portal.statement.sql
-            if isinstance(portal.statement.decision, Refuse):
-                record.refused(portal.statement.decision)
-            else:
-                decision = portal.statement.decision
-                if decision is not self._last_executed:
-                    self._last_executed, self._last_summary = decision, _summary(decision)
-                record.decision, record.labels = self._last_summary
+        if portal is None:
+            record = StatementRecord("", "allowed", self.clock())
+        else:
+            decision = portal.statement.decision
+            if decision is not self._last_executed:
+                self._last_executed, self._last_summary = decision, _summary(decision)
+            summary, labels = self._last_summary
+            record = StatementRecord(portal.statement.sql, summary, self.clock(), labels=labels)
+            if isinstance(decision, Refuse):
+                record.refused(decision)
         self._queue.append(
             Pending(Kind.EXECUTE, portal=portal, portal_name=portal_name, record=record)
         )
