@@ -185,7 +185,7 @@ def glue_steps(session: Session) -> tuple[Step, Step, Any]:
     from proxy.pipe import Pipe
     from proxy.server import Connection
 
-    config = SimpleNamespace(startup_timeout=0)
+    config = SimpleNamespace(startup_timeout=0, idle_timeout=0)
     proxy = SimpleNamespace(config=config, audit=None, catalogs=None)
     conn = Connection(proxy, Pipe())  # type: ignore[arg-type]
     conn.upstream = Pipe()

@@ -464,7 +464,8 @@ class Connection:
     def _on_client_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None and self.upstream is not None
-        self.last_activity = time.monotonic()
+        if self.config.idle_timeout:
+            self.last_activity = time.monotonic()
         if self._cancelling is not None:
             self._held_client.append(data)
             return

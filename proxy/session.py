@@ -43,6 +43,7 @@ from proxy.wire.framing import (
     BACKEND_LIMITS,
     FRONTEND_LIMITS,
     INT32,
+    TYPED_HEADER,
     Limits,
     MessageReader,
     MessageScanner,
@@ -183,7 +184,13 @@ class RowRewriter(Protocol):
 
 
 class StatementPolicy(Protocol):
-    """Judges what a restricted role sends; implemented by proxy.policy."""
+    """Judges what a restricted role sends; implemented by proxy.policy.
+
+    A policy may also have `passes(decision, description, formats) -> bool`: True only when
+    `plan_rows` would return None for these very objects without planning anything new (it
+    remembered so, under the rules in force). With it, the session handles a reply group of
+    the common shape in one step instead of message by message; without it, never.
+    """
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         """A simple-protocol Query: one decision per statement, a refusal of the whole, or
@@ -294,6 +301,74 @@ class CopyRewriter(Protocol):
 
 
 _MANY_ROWS: Final = 1 << 62  # "no row limit" for a run of DataRows
+
+# ReadyForQuery status bytes and what transaction_status says for each.
+_STATUS: Final = {ord("I"): "I", ord("T"): "T", ord("E"): "E"}
+
+# Where the messages of one reply group lie in a chunk (see _reply_group): the start of the last
+# opening message, of the DataRows, their count, the start of the CommandComplete, of the
+# ReadyForQuery, and the end of the group.
+_Group = tuple[int, int, int, int, int, int]
+
+
+def _whole_messages(data: bytes, longest: tuple[int, ...], most: int = 4) -> list[int] | None:
+    """Where each message of `data` starts, and the end of the last: when `data` is at most
+    `most` whole messages of acceptable lengths, else None."""
+    size = len(data)
+    unpack = TYPED_HEADER.unpack_from
+    pos = 0
+    starts: list[int] = []
+    while pos < size:
+        if size - pos < 5 or len(starts) == most:
+            return None
+        mtype, length = unpack(data, pos)
+        if not 4 <= length <= longest[mtype]:
+            return None
+        starts.append(pos)
+        pos += 1 + length
+    if pos != size:
+        return None
+    starts.append(size)
+    return starts
+
+
+def _reply_group(data: bytes, pos: int, longest: tuple[int, ...], opening: bytes) -> _Group | None:
+    """The common shape of the replies to one statement, read in place from `data` at `pos`:
+    one message of each type of `opening` in that order, DataRows, a CommandComplete and a
+    ReadyForQuery with a valid status, every one of them whole and of an acceptable length.
+    None for anything else (the general loop then reads it, and says what is wrong if it is)."""
+    size = len(data)
+    unpack = TYPED_HEADER.unpack_from
+    last = pos
+    for expected in opening:
+        if size - pos < 5:
+            return None
+        mtype, length = unpack(data, pos)
+        if mtype != expected or not 4 <= length <= longest[mtype]:
+            return None
+        last = pos
+        pos += 1 + length
+    rows = pos
+    count = 0
+    while True:
+        if size - pos < 5:
+            return None
+        mtype, length = unpack(data, pos)
+        if not 4 <= length <= longest[mtype]:
+            return None
+        if mtype != DATA_ROW:
+            break
+        pos += 1 + length
+        count += 1
+    if mtype != CMD_COMPLETE:
+        return None
+    tag = pos
+    ready = pos + 1 + length
+    if size - ready < 6 or data[ready] != READY or INT32.unpack_from(data, ready + 1)[0] != 5:
+        return None
+    if data[ready + 5] not in _STATUS:
+        return None
+    return last, rows, count, tag, ready, ready + 6
 
 
 @dataclass(slots=True)
@@ -476,6 +551,9 @@ class Session:
         self._skipping = False  # the server discards messages until the client's next Sync
         self._copy_markers = 0  # COPY_END markers in the queue
         self.on_internal_done: Callable[[InternalResult], None] | None = None
+        # The policy's `passes` (see StatementPolicy): with it, whole reply groups of the
+        # common shape are handled in one step (_whole_groups).
+        self._passes: Callable[[Decision, m.RowDescription, tuple[int, ...]], bool] | None = None
         # Set when the running statement must be cancelled on the server (a result Topeng
         # aborted); the caller sends the CancelRequest and clears it.
         self.cancel_requested = False
@@ -490,9 +568,14 @@ class Session:
         return out
 
     def take_to_server(self) -> bytes:
-        if not self._to_server:
+        parts = self._to_server
+        if not parts:
             return b""
-        out = b"".join(self._to_server)
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            out = parts[0]
+            parts.clear()
+            return out
+        out = b"".join(parts)
         self._to_server.clear()
         return out
 
@@ -658,6 +741,14 @@ class Session:
 
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client
+        if (
+            not reader.pending()
+            and not self._to_server
+            and not self._copy_in
+            and not self._skipping
+            and self._whole_request(data)
+        ):
+            return self.take_to_server()
         reader.feed(data)
         out = self._to_server
         while (msg := reader.next_raw()) is not None:
@@ -678,27 +769,19 @@ class Session:
                 out.append(raw)
                 continue
             if mtype == Q:
-                self._client_query(m.Query.decode(body, self.client_codec), raw)
+                self._client_query(m.query_sql(body, self.client_codec), raw)
             elif mtype == P:
-                self._in_batch = True
                 self._client_parse(m.Parse.decode(body, self.client_codec), raw)
             elif mtype == B:
-                self._in_batch = True
                 self._client_bind(*m.bind_target(body, self.client_codec), raw)
             elif mtype == DESC:
-                self._in_batch = True
-                self._client_describe(m.Describe.decode(body, self.client_codec), raw)
+                self._client_describe(*m.describe_target(body, self.client_codec), raw)
             elif mtype == E:
-                self._in_batch = True
-                self._client_execute(m.Execute.decode(body, self.client_codec), raw)
+                self._client_execute(*m.execute_target(body, self.client_codec), raw)
             elif mtype == CLOSE:
-                self._in_batch = True
                 self._client_close(m.Close.decode(body, self.client_codec), raw)
             elif mtype == S:
-                self._queue.append(Pending(Kind.SYNC))
-                self._in_batch = False
-                self._skipping = False
-                out.append(raw)
+                self._client_sync(raw)
             elif mtype == H:
                 out.append(raw)
             elif mtype == F:
@@ -719,11 +802,73 @@ class Session:
                 raise ProtocolViolation(f"unexpected message type {chr(mtype)!r}")
         return self.take_to_server()
 
-    def _client_query(self, query: m.Query, raw: memoryview) -> None:
+    # Strategy: a client chunk that is exactly one Query, or exactly Bind, [Describe,] Execute,
+    # Sync (how libpq and most drivers run a prepared statement), is framed in one walk over
+    # its headers and handed to the same handlers the general loop below calls, in the same
+    # order, with the same decoded values: only the framing and the dispatch are skipped. The
+    # general loop's per-message checks (COPY IN, skipping to Sync) cannot change inside such
+    # a chunk, so they are made once, before.
+
+    def _whole_request(self, data: bytes) -> bool:
+        """Handles `data` if it is one of the common whole requests; False if not (nothing was
+        done: the general loop reads it)."""
+        size = len(data)
+        if size < 5:
+            return False
+        codec = self.client_codec
+        if data[0] == Q:
+            (length,) = INT32.unpack_from(data, 1)
+            if length != size - 1 or length > self._client.longest[Q]:
+                return False
+            self._client_query(m.query_sql(data[5:], codec), data)
+            return True
+        if data[0] != B:
+            return False
+        starts = _whole_messages(data, self._client.longest)
+        if starts is None or data[starts[-2]] != S or data[starts[-3]] != E:
+            return False
+        count = len(starts) - 1
+        if count == 4 and data[starts[1]] == DESC:
+            self._whole_batch(data, starts, describe=True)
+            return True
+        if count == 3:
+            self._whole_batch(data, starts, describe=False)
+            return True
+        return False
+
+    def _whole_batch(self, data: bytes, starts: list[int], *, describe: bool) -> None:
+        """Bind, [Describe,] Execute, Sync, in one chunk (`starts`: where each begins)."""
+        codec = self.client_codec
+        view = memoryview(data)
+        bind = m.bind_target(data[5 : starts[1]], codec)
+        if describe:
+            at, end = starts[1], starts[2]
+            kind, name = m.describe_target(data[at + 5 : end], codec)
+            self._client_bind(*bind, view[: starts[1]])
+            self._client_describe(kind, name, view[at:end])
+        else:
+            self._client_bind(*bind, view[: starts[1]])
+        at, end = starts[-3], starts[-2]
+        executed = view[at:end]
+        self._client_execute(*m.execute_target(data[at + 5 : end], codec), executed)
+        self._client_sync(view[end:])
+        parts = self._to_server
+        if len(parts) == len(starts) - 1 and parts[-2] is executed:
+            # Each message went on as it came (Bind, Describe and Sync always do; the Execute
+            # was neither refused nor preceded by Topeng's own Describe): the chunk goes whole.
+            parts[:] = [data]
+
+    def _client_sync(self, raw: memoryview) -> None:
+        self._queue.append(Pending(Kind.SYNC))
+        self._in_batch = False
+        self._skipping = False
+        self._to_server.append(raw)
+
+    def _client_query(self, sql: str, raw: memoryview | bytes) -> None:
         assert self.policy is not None
         self._counters.queries += 1
-        verdict = self.policy.judge_query(query.sql)
-        record = StatementRecord(query.sql, "allowed", self.clock())
+        verdict = self.policy.judge_query(sql)
+        record = StatementRecord(sql, "allowed", self.clock())
         if isinstance(verdict, Refuse):
             self._counters.refused += 1
             record.refused(verdict)
@@ -755,6 +900,7 @@ class Session:
         self._to_server.append(raw)
 
     def _client_parse(self, parse: m.Parse, raw: memoryview) -> None:
+        self._in_batch = True
         assert self.policy is not None
         self._counters.queries += 1
         decision = self.policy.judge_parse(parse.sql, parse.param_types)
@@ -783,6 +929,7 @@ class Session:
     def _client_bind(
         self, portal_name: str, statement: str, result_formats: tuple[int, ...], raw: memoryview
     ) -> None:
+        self._in_batch = True
         stmt = self._statements.get(statement)
         if stmt is None:
             # The server knows no such statement either (or Topeng refused it): the server's
@@ -795,22 +942,24 @@ class Session:
         self._queue.append(Pending(Kind.BIND, statement=stmt, portal=portal))
         self._to_server.append(raw)
 
-    def _client_describe(self, describe: m.Describe, raw: memoryview) -> None:
-        if describe.kind == "S":
-            stmt = self._statements.get(describe.name)
+    def _client_describe(self, kind: str, name: str, raw: memoryview) -> None:
+        self._in_batch = True
+        if kind == "S":
+            stmt = self._statements.get(name)
             if stmt is not None:
                 stmt.described = True
             pending = Pending(Kind.DESCRIBE_STATEMENT, statement=stmt)
         else:
-            portal = self._portals.get(describe.name)
+            portal = self._portals.get(name)
             if portal is not None:
                 portal.described = True
-            pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=describe.name)
+            pending = Pending(Kind.DESCRIBE_PORTAL, portal=portal, portal_name=name)
         self._queue.append(pending)
         self._to_server.append(raw)
 
-    def _client_execute(self, execute: m.Execute, raw: memoryview) -> None:
-        portal = self._portals.get(execute.portal)
+    def _client_execute(self, portal_name: str, max_rows: int, raw: memoryview) -> None:
+        self._in_batch = True
+        portal = self._portals.get(portal_name)
         assert self.policy is not None
         if portal is not None and not isinstance(portal.statement.decision, Refuse):
             stmt = portal.statement
@@ -825,7 +974,7 @@ class Session:
                 record = StatementRecord(portal.statement.sql, "refused", self.clock())
                 record.refused(refusal)
                 self._queue.append(Pending(Kind.EXECUTE, refusal=refusal, record=record))
-                self._to_server.append(m.Execute(POISON_NAME, execute.max_rows).encode())
+                self._to_server.append(m.Execute(POISON_NAME, max_rows).encode())
                 return
         if (
             portal is not None
@@ -837,23 +986,24 @@ class Session:
             # does, and keeps the answer to itself.
             portal.described = True
             self._queue.append(Pending(Kind.DESCRIBE_PORTAL, portal=portal, hidden=True))
-            self._to_server.append(m.Describe("P", execute.portal).encode())
-        record = StatementRecord("", "allowed", self.clock())
-        if portal is not None:
-            record.sql = portal.statement.sql
-            if isinstance(portal.statement.decision, Refuse):
-                record.refused(portal.statement.decision)
-            else:
-                decision = portal.statement.decision
-                if decision is not self._last_executed:
-                    self._last_executed, self._last_summary = decision, _summary(decision)
-                record.decision, record.labels = self._last_summary
+            self._to_server.append(m.Describe("P", portal_name).encode())
+        if portal is None:
+            record = StatementRecord("", "allowed", self.clock())
+        else:
+            decision = portal.statement.decision
+            if decision is not self._last_executed:
+                self._last_executed, self._last_summary = decision, _summary(decision)
+            summary, labels = self._last_summary
+            record = StatementRecord(portal.statement.sql, summary, self.clock(), labels=labels)
+            if isinstance(decision, Refuse):
+                record.refused(decision)
         self._queue.append(
-            Pending(Kind.EXECUTE, portal=portal, portal_name=execute.portal, record=record)
+            Pending(Kind.EXECUTE, portal=portal, portal_name=portal_name, record=record)
         )
         self._to_server.append(raw)
 
     def _client_close(self, close: m.Close, raw: memoryview) -> None:
+        self._in_batch = True
         pending = Pending(Kind.CLOSE)
         if close.kind == "S":
             stmt = self._statements.get(close.name)
@@ -1011,6 +1161,7 @@ class Session:
             raise RuntimeError("begin() needs a session in SETUP with no query in flight")
         self.policy = policy
         self.mode = "fast" if policy is None else "tracked"
+        self._passes = getattr(policy, "passes", None)
         self.phase = Phase.READY
         if self.mode == "fast":
             self._client_scan = MessageScanner(self.client_limits, frozenset())
@@ -1081,6 +1232,13 @@ class Session:
 
     def _tracked_server(self, data: bytes) -> bytes:
         reader = self._server
+        if self._passes is not None and not self._to_client and not reader.pending():
+            done = self._whole_groups(data)
+            if done == len(data):
+                return data
+            if done:
+                self._to_client.append(data[:done])
+                data = data[done:]
         reader.feed(data)
         out = self._to_client
         while (msg := reader.next_raw()) is not None:
@@ -1122,6 +1280,152 @@ class Session:
                 continue
             self._reply(head, mtype, body, raw)
         return self.take_to_client()
+
+    # Strategy: most replies of a restricted session are one statement's whole reply group in
+    # one chunk: [BindComplete] [RowDescription] DataRow* CommandComplete ReadyForQuery, for a
+    # statement already judged, whose description was seen before and whose rows the policy
+    # already found to pass unchanged. Such a group is recognised by its headers alone and
+    # handled in one step: the counts, the records and the state end up exactly as the general
+    # loop (_reply and the methods below it) leaves them, and the bytes go out as they came.
+    # Anything else (another shape, an error, a notice, rows to rewrite, a row limit reached,
+    # a description or plan not seen yet) is left to the general loop, from the first byte of
+    # the group on, before anything was changed.
+
+    def _whole_groups(self, data: bytes) -> int:
+        """Handles the whole reply groups of the common shape at the start of `data`; returns
+        where the first other byte is (0 if none was handled)."""
+        pos = 0
+        size = len(data)
+        while pos < size:
+            end = self._whole_group(data, pos)
+            if end == pos:
+                break
+            pos = end
+        return pos
+
+    def _whole_group(self, data: bytes, pos: int) -> int:
+        queue = self._queue
+        if not queue or self._result is not None or self._copy_in or self._copy_markers:
+            return pos
+        head = queue[0]
+        if head.silent or head.refusal is not None:
+            return pos
+        if head.kind is Kind.SIMPLE:
+            return self._whole_simple(head, data, pos)
+        if head.kind is Kind.BIND and len(queue) >= 3:
+            return self._whole_exchange(head, data, pos)
+        return pos
+
+    def _whole_simple(self, head: Pending, data: bytes, pos: int) -> int:
+        """A Query of one statement: RowDescription DataRow* CommandComplete ReadyForQuery."""
+        if head.aborted or head.index:
+            return pos
+        decision: Decision
+        if head.allow_all:
+            decision = ALLOW
+        elif len(head.decisions) == 1:
+            decision = head.decisions[0]
+        else:
+            return pos
+        group = _reply_group(data, pos, self._server.longest, b"T")
+        if group is None:
+            return pos
+        described, rows, count, tag, ready, end = group
+        found = self._descriptions.get(data[described + 5 : rows])
+        if found is None or not self._passing(decision, found[0], found[1], count):
+            return pos
+        head.index += 1
+        self._completed(head, decision, count, data, tag, ready)
+        self._ready_at(data[ready + 5])
+        return end
+
+    def _whole_exchange(self, bind: Pending, data: bytes, pos: int) -> int:
+        """Bind, Describe (portal), Execute, Sync of a judged statement, or Bind, Execute,
+        Sync: BindComplete [RowDescription] DataRow* CommandComplete ReadyForQuery."""
+        portal = bind.portal
+        queue = self._queue
+        if portal is None:
+            return pos
+        second = queue[1]
+        if second.kind is Kind.DESCRIBE_PORTAL:
+            if second.portal is not portal or second.hidden or second.silent or len(queue) < 4:
+                return pos
+            execute, sync, opening = queue[2], queue[3], b"2T"
+        else:
+            execute, sync, opening = second, queue[2], b"2"
+        if (
+            execute.kind is not Kind.EXECUTE
+            or execute.portal is not portal
+            or execute.refusal is not None
+            or execute.silent
+            or sync.kind is not Kind.SYNC
+            or sync.silent
+            or sync.aborted
+        ):
+            return pos
+        decision = portal.statement.decision
+        group = _reply_group(data, pos, self._server.longest, opening)
+        if group is None:
+            return pos
+        described, rows, count, tag, ready, end = group
+        description: m.RowDescription | None = None
+        if opening == b"2T":
+            found = self._descriptions.get(data[described + 5 : rows])
+            if found is None:
+                return pos
+            description = found[0]
+        if count:
+            result_description = description or portal.description or portal.statement.description
+            if result_description is None:
+                return pos
+            formats = self._formats(portal, result_description)
+            if not self._passing(decision, result_description, formats, count):
+                return pos
+        elif isinstance(decision, Refuse):
+            return pos
+        self._pop()  # BindComplete
+        if description is not None:
+            portal.description = description
+            self._pop()  # RowDescription
+        self._completed(execute, decision, count, data, tag, ready)
+        self._pop()  # CommandComplete
+        self._ready_at(data[ready + 5])
+        return end
+
+    def _passing(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...], rows: int
+    ) -> bool:
+        """The policy knows these rows pass unchanged, and there are not too many."""
+        passes = self._passes
+        if passes is None or isinstance(decision, Refuse):
+            return False
+        if not passes(decision, description, formats):
+            return False
+        if not rows:
+            return True
+        assert self.policy is not None
+        limit = self.policy.row_limit(decision)
+        return limit is None or rows <= limit.rows
+
+    def _completed(
+        self, head: Pending, decision: Decision, rows: int, data: bytes, tag: int, ready: int
+    ) -> None:
+        """The rows and the CommandComplete of a whole reply group, counted."""
+        if data.startswith(DDL_TAGS, tag + 5, ready):
+            self.schema_changed = True
+        if rows:
+            self._counters.rows += rows
+            if head.record is not None:
+                head.record.rows += rows
+            assert self.policy is not None
+            self.policy.rows_sent(decision, rows)
+
+    def _ready_at(self, status: int) -> None:
+        """The ReadyForQuery that ends a whole reply group (its group entry is the head)."""
+        self._pop()
+        self.transaction_status = _STATUS[status]
+        if status == ord("I"):
+            self._portals.clear()
 
     def _poison_reply(self, mtype: int, body: memoryview, raw: memoryview) -> None:
         # The server's error for Topeng's poison is not the client's business; its
@@ -1470,17 +1774,19 @@ class Session:
             self._start_result(self.policy.unknown_portal(), None, ())
             return
         description = portal.description or portal.statement.description
-        formats: tuple[int, ...] = ()
-        if description is not None:
-            f = portal.result_formats
-            count = len(description.fields)
-            if not f:
-                formats = (0,) * count
-            elif len(f) == 1:
-                formats = (f[0],) * count
-            else:
-                formats = tuple(f[i] if i < len(f) else 0 for i in range(count))
+        formats = () if description is None else self._formats(portal, description)
         self._start_result(portal.statement.decision, description, formats)
+
+    @staticmethod
+    def _formats(portal: Portal, description: m.RowDescription) -> tuple[int, ...]:
+        """The format of each column of a portal's result, as its Bind asked."""
+        f = portal.result_formats
+        count = len(description.fields)
+        if not f:
+            return (0,) * count
+        if len(f) == 1:
+            return (f[0],) * count
+        return tuple(f[i] if i < len(f) else 0 for i in range(count))
 
     def _copy_reply(self, head: Pending, mtype: int, body: memoryview) -> bytes | None:
         """CopyInResponse / CopyOutResponse. Returns a replacement for a refused COPY OUT."""

@@ -575,17 +575,23 @@ class RestrictedPolicy:
         distinct message) and the formats; the memo is emptied whenever the rules change, so a
         repeated statement is not checked again against the same rules, but every other one
         is."""
-        key = (id(description), id(decision), formats)
-        known = self._passing.get(key)
-        if known is not None and known[0] is description and known[1] is decision:
+        if self.passes(decision, description, formats):
             return None
         planned = self._plan_rows(decision, description, formats)
         if planned is None:
             if len(self._passing) >= 128:
                 self._passing.clear()
             # Holding both objects keeps their ids theirs while the entry lives.
-            self._passing[key] = (description, decision)
+            self._passing[(id(description), id(decision), formats)] = (description, decision)
         return planned
+
+    def passes(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> bool:
+        """Whether plan_rows found, under the rules in force, that these rows pass unchanged
+        (it then says so again without looking). Asks nothing new: False when not known."""
+        known = self._passing.get((id(description), id(decision), formats))
+        return known is not None and known[0] is description and known[1] is decision
 
     def _plan_rows(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]

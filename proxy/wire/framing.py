@@ -208,6 +208,11 @@ class MessageReader(_Buffer):
             view = self._view = memoryview(buf)
         return mtype, view[pos + 5 : end], view[pos:end]
 
+    @property
+    def longest(self) -> tuple[int, ...]:
+        """The largest acceptable length word by type byte (-1: type not allowed)."""
+        return self._longest
+
     def max_length(self, mtype: int) -> int:
         """The largest length word (itself included) accepted for a message of this type."""
         limits = self.limits

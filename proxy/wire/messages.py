@@ -221,14 +221,7 @@ class Query:
 
     @classmethod
     def decode(cls, body: Body, encoding: str = "utf-8") -> Query:
-        b = body if type(body) is bytes else bytes(body)
-        end = len(b) - 1
-        if end >= 0 and b.find(0) == end:
-            try:
-                return cls(b[:end].decode(encoding))
-            except UnicodeDecodeError:
-                pass
-        return cls._decode_checked(b, encoding)
+        return cls(query_sql(body, encoding))
 
     @classmethod
     def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Query:
@@ -239,6 +232,18 @@ class Query:
 
     def encode(self) -> bytes:
         return frame(self.TYPE, cstr(self.sql))
+
+
+def query_sql(body: Body, encoding: str = "utf-8") -> str:
+    """The SQL of a Query body, without building the message object."""
+    b = body if type(body) is bytes else bytes(body)
+    end = len(b) - 1
+    if end >= 0 and b.find(0) == end:
+        try:
+            return b[:end].decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return Query._decode_checked(b, encoding).sql  # raises, saying what is wrong
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,16 +331,7 @@ class Describe:
 
     @classmethod
     def decode(cls, body: Body, encoding: str = "utf-8") -> Describe:
-        b = body if type(body) is bytes else bytes(body)
-        last = len(b) - 1
-        if last >= 1 and b.find(0, 1) == last:
-            kind = _KINDS.get(b[0])
-            if kind is not None:
-                try:
-                    return cls(kind, b[1:last].decode(encoding))
-                except UnicodeDecodeError:
-                    pass
-        return cls._decode_checked(b, encoding)
+        return cls(*describe_target(body, encoding))
 
     @classmethod
     def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Describe:
@@ -359,14 +355,7 @@ class Execute:
 
     @classmethod
     def decode(cls, body: Body, encoding: str = "utf-8") -> Execute:
-        b = body if type(body) is bytes else bytes(body)
-        end = b.find(0)
-        if end >= 0 and len(b) == end + 5:
-            try:
-                return cls(b[:end].decode(encoding), _I32.unpack_from(b, end + 1)[0])
-            except UnicodeDecodeError:
-                pass
-        return cls._decode_checked(b, encoding)
+        return cls(*execute_target(body, encoding))
 
     @classmethod
     def _decode_checked(cls, body: Body, encoding: str = "utf-8") -> Execute:
@@ -378,6 +367,34 @@ class Execute:
 
     def encode(self) -> bytes:
         return frame(self.TYPE, cstr(self.portal) + _I32.pack(self.max_rows))
+
+
+def describe_target(body: Body, encoding: str = "utf-8") -> tuple[str, str]:
+    """(kind, name) of a Describe body, without building the message object."""
+    b = body if type(body) is bytes else bytes(body)
+    last = len(b) - 1
+    if last >= 1 and b.find(0, 1) == last:
+        kind = _KINDS.get(b[0])
+        if kind is not None:
+            try:
+                return kind, b[1:last].decode(encoding)
+            except UnicodeDecodeError:
+                pass
+    checked = Describe._decode_checked(b, encoding)  # raises, saying what is wrong
+    return checked.kind, checked.name
+
+
+def execute_target(body: Body, encoding: str = "utf-8") -> tuple[str, int]:
+    """(portal, max_rows) of an Execute body, without building the message object."""
+    b = body if type(body) is bytes else bytes(body)
+    end = b.find(0)
+    if end >= 0 and len(b) == end + 5:
+        try:
+            return b[:end].decode(encoding), _I32.unpack_from(b, end + 1)[0]
+        except UnicodeDecodeError:
+            pass
+    checked = Execute._decode_checked(b, encoding)  # raises, saying what is wrong
+    return checked.portal, checked.max_rows
 
 
 @dataclass(frozen=True, slots=True)
