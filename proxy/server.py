@@ -25,7 +25,7 @@ from typing import Any
 
 from proxy import relay as relays
 from proxy.config import Config
-from proxy.observe import metrics
+from proxy.observe import metrics, tally
 from proxy.observe.audit import AuditLog, SessionContext, open_audit_log
 from proxy.observe.http import start_http
 from proxy.observe.instrument import register_analysis_cache
@@ -87,29 +87,32 @@ class SessionEnded(Exception):
 
 
 class _RoleMetrics:
-    """The per-statement metric children of one role, looked up once a session (`labels()`
-    takes a lock and builds a key every time). A child is made when first used, so series
-    appear exactly when they did before."""
+    """The per-statement metrics of one role, looked up once a session (`labels()` takes a
+    lock and builds a key every time), as tallies (proxy/observe/tally.py) the sweep hands to
+    prometheus_client. A child is made when first used, so series appear exactly when they
+    did before."""
 
     __slots__ = ("role", "duration", "_queries", "_refusals")
 
     def __init__(self, role: str) -> None:
         self.role = role
-        self.duration = metrics.QUERY_DURATION.labels(role)
-        self._queries: dict[str, Any] = {}
-        self._refusals: dict[str, Any] = {}
+        self.duration = tally.histogram(metrics.QUERY_DURATION.labels(role))
+        self._queries: dict[str, tally.CounterTally] = {}
+        self._refusals: dict[str, tally.CounterTally] = {}
 
     def statement(self, decision: str, reason: str | None) -> None:
         counter = self._queries.get(decision)
         if counter is None:
-            counter = self._queries[decision] = metrics.QUERIES.labels(self.role, decision)
-        counter.inc()
+            child = metrics.QUERIES.labels(self.role, decision)
+            counter = self._queries[decision] = tally.counter(child)
+        counter.n += 1
         if decision == "refused":
             why = reason or "policy"
             refusals = self._refusals.get(why)
             if refusals is None:
-                refusals = self._refusals[why] = metrics.REFUSALS.labels(self.role, why)
-            refusals.inc()
+                child = metrics.REFUSALS.labels(self.role, why)
+                refusals = self._refusals[why] = tally.counter(child)
+            refusals.n += 1
 
 
 class Connection:
@@ -1074,6 +1077,7 @@ class Proxy:
         while True:
             await asyncio.sleep(0.25 if not self.shutting_down else 0.1)
             ticks += 1
+            tally.flush_all()
             now = time.monotonic()
             idle_limit = self.config.idle_timeout
             for conn in list(self.connections):
@@ -1117,6 +1121,7 @@ class Proxy:
             limiter.close()
         if self.relay is not None:
             self.relay.close()
+        tally.flush_all()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
