@@ -118,12 +118,19 @@ class Driver:
         return back
 
     def _feed(self, scan: MessageScanner, dest: socket.socket, chunk: bytes) -> None:
-        """The Python fast path for one chunk: walk it, forward it."""
+        """The Python fast path for one chunk: walk it, forward it. A ReadyForQuery or
+        CommandComplete split across chunks comes out of the scanner whole, and is read as
+        Session._fast_watched reads it."""
         try:
-            scan.feed(chunk)
+            watched = scan.feed(chunk)
         except ProtocolViolation as exc:
             self.violations.append(str(exc))
             return  # the session would end here
+        for mtype, body in watched or ():
+            if mtype == READY:
+                scan.last_status = body[0] if body else ord("I")
+            elif mtype == CMD_COMPLETE and body.startswith(DDL_TAGS):
+                scan.tag_seen = True
         self._send(dest, chunk)
 
     def _resume(self, back: relays.Handback) -> None:
