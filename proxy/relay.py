@@ -19,12 +19,11 @@ the environment turns it off.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Final
 
+from proxy import native
 from proxy.observe import metrics
 from proxy.wire.framing import MessageScanner
 
@@ -34,17 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["AVAILABLE", "Handback", "Relay", "ScanReport"]
 
 
-def _load() -> ModuleType | None:
-    if os.environ.get("TOPENG_PURE_PYTHON"):
-        return None
-    try:
-        from proxy import _relay
-    except ImportError:
-        return None
-    return _relay
-
-
-_relay: Final = _load()
+_relay: Final = native.load("proxy._relay")
 AVAILABLE: Final = _relay is not None
 """Whether unrestricted plaintext sessions are relayed in C (`topeng serve` logs it)."""
 

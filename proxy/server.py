@@ -810,6 +810,7 @@ class Connection:
         if session is not None and session.records:
             self._take_records()
         self.flush_metrics()
+        tally.flush_all()  # an ended session's statements are counted by the time it is
         audit = self.proxy.audit
         if audit is not None and self.context is not None and session is not None:
             c = session.counters

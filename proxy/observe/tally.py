@@ -4,8 +4,10 @@ Strategy: every prometheus_client update takes a lock (and with `--workers` writ
 file), and a restricted session makes five of them per statement: about a fifth of the CPU
 Topeng spends on a `pgbench -S` transaction. A tally keeps a counter's increments, or a
 histogram's bucket counts and sum, in plain numbers; `flush_all()` hands everything over. The
-sweep calls it four times a second and `/metrics` calls it before it answers, so a scrape of a
-single process is exact and a worker's figures are at most a quarter of a second behind.
+sweep calls it four times a second, a session calls it when it ends, and `/metrics` calls it
+before it answers: so a scrape of a single process is exact, an ended session's statements are
+counted with it, and an open session's figures in another worker are at most a quarter of a
+second behind.
 
 A histogram's counts go into its bucket and sum values directly (prometheus_client's
 `_buckets` and `_sum`, which `observe` itself updates); if a future prometheus_client lacks
@@ -16,7 +18,7 @@ them, the tally falls back to calling `observe` for each value at flush time.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["CounterTally", "HistogramTally", "counter", "flush_all", "histogram"]
 
@@ -75,24 +77,26 @@ class HistogramTally:
 
 
 _tallies: dict[int, CounterTally | HistogramTally] = {}
+_T = TypeVar("_T", CounterTally, HistogramTally)
+
+
+def _tally(child: Any, kind: type[_T]) -> _T:
+    """One tally per child per process (the tally keeps the child, so its id stays its own)."""
+    found = _tallies.get(id(child))
+    if found is None:
+        found = _tallies[id(child)] = kind(child)
+    assert isinstance(found, kind)
+    return found
 
 
 def counter(child: Any) -> CounterTally:
-    """The tally of a counter (a metric or a `labels()` child); one per child per process."""
-    found = _tallies.get(id(child))
-    if found is None:
-        found = _tallies[id(child)] = CounterTally(child)
-    assert isinstance(found, CounterTally)
-    return found
+    """The tally of a counter (a metric or a `labels()` child)."""
+    return _tally(child, CounterTally)
 
 
 def histogram(child: Any) -> HistogramTally:
-    """The tally of a histogram (a metric or a `labels()` child); one per child per process."""
-    found = _tallies.get(id(child))
-    if found is None:
-        found = _tallies[id(child)] = HistogramTally(child)
-    assert isinstance(found, HistogramTally)
-    return found
+    """The tally of a histogram (a metric or a `labels()` child)."""
+    return _tally(child, HistogramTally)
 
 
 def flush_all() -> None:

@@ -19,11 +19,11 @@ two implementations agree byte for byte (tests/unit/test_fastmask.py checks it o
 from __future__ import annotations
 
 import decimal
-import os
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Final
 
+from proxy import native
 from proxy.policy import pgtypes as pt
 from proxy.policy.masks import FieldMasker, MaskedCounter, RowMasker
 from proxy.policy.pgtypes import Kind
@@ -40,14 +40,10 @@ __all__ = [
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("TOPENG_PURE_PYTHON"):
-        return None
-    try:
-        from proxy.policy import _splice
-    except ImportError:
-        return None
-    _splice.set_error(ProtocolViolation)
-    return _splice
+    module = native.load("proxy.policy._splice")
+    if module is not None:
+        module.set_error(ProtocolViolation)
+    return module
 
 
 _splice: Final = _load()

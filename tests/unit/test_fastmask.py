@@ -11,6 +11,7 @@ import struct
 from collections.abc import Mapping
 
 import pytest
+from harness import needs_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wirekit import (
@@ -30,7 +31,6 @@ from proxy.policy.decision import Mask
 from proxy.policy.fastmask import FastOp, SplicedRowMasker, fast_op, row_masker
 from proxy.policy.masks import RowMasker, build_field_masker
 from proxy.wire.framing import ProtocolViolation
-from tests.harness import needs_tool
 
 KEY = b"k" * 32
 
