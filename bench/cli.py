@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         "transaction counts all of them",
     )  # fmt: skip
     parser.add_argument(
+        "--only", metavar="KEYS",
+        help="run only the pgbench workloads whose key contains one of these comma-separated "
+        "words (keys: select-16c-simple-restricted, ..., stream-masked); the report then only "
+        "prints (--out defaults to '-'), since a partial table would overwrite the full one",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", metavar="DIR",
         help="after the rounds, run each workload once more through Topeng under py-spy and "
         "write raw profiles (flamegraph input) to DIR; these runs are not measured",
@@ -146,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def selected(only: str | None) -> tuple[Measure, ...]:
+    """The workloads `--only` names (every one without it)."""
+    if only is None:
+        return MEASURES
+    words = [w.strip() for w in only.split(",") if w.strip()]
+    return tuple(m for m in MEASURES if any(w in m.key for w in words))
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -160,6 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration is not None and args.duration < 1:
         print("bench: --duration must be at least 1 second", file=sys.stderr)
         return 2
+    if args.only is not None:
+        if not selected(args.only):
+            keys = ", ".join(m.key for m in MEASURES)
+            print(f"bench: --only {args.only!r} matches no workload; keys: {keys}", file=sys.stderr)
+            return 2
+        if args.out == str(DEFAULT_OUT):
+            args.out = "-"
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
@@ -176,9 +197,10 @@ def run(args: argparse.Namespace) -> int:
     duration = args.duration if args.duration is not None else (3.0 if args.quick else 5.0)
     hit_iterations, miss_iterations = (300, 10) if args.quick else (2000, 40)
     results = Results(rounds=rounds, duration=duration)
-    runs = rounds * len(MEASURES) * 3
+    measures = selected(args.only)
+    runs = rounds * len(measures) * 3
     log(
-        f"{rounds} round(s) x {len(MEASURES)} workloads x 3 servers = {runs} pgbench runs of "
+        f"{rounds} round(s) x {len(measures)} workloads x 3 servers = {runs} pgbench runs of "
         f"{duration:g} s: about {runs * (duration + 0.3) / 60:.0f} min of runs, plus ~2 min"
     )
     environment: list[tuple[str, str]] = [
@@ -215,13 +237,13 @@ def run(args: argparse.Namespace) -> int:
         check_topeng(pgbench, targets[0], targets[2], users, stream_script)
         log("checked: the restricted user runs pgbench -S through Topeng, six columns masked")
         for round_index in range(rounds):
-            for measure in MEASURES:
+            for measure in measures:
                 for target in targets:
                     _one_run(results, measure, target, round_index, pgbench, users,
                              stream_script, topeng, bouncer)  # fmt: skip
         if args.profile:
-            _profile(Path(args.profile), topeng, targets[2], pgbench, users, stream_script,
-                     duration)  # fmt: skip
+            _profile(Path(args.profile), measures, topeng, targets[2], pgbench, users,
+                     stream_script, duration)  # fmt: skip
         results.analysis, results.analysis_hit_samples, results.analysis_miss_samples = _analysis(
             pg.superuser_dsn, rules, hit_iterations, miss_iterations
         )
@@ -361,6 +383,7 @@ def _memory(
 
 def _profile(
     directory: Path,
+    measures: Sequence[Measure],
     topeng: Process,
     target: Target,
     pgbench: str,
@@ -372,7 +395,7 @@ def _profile(
     if not os.access(spy, os.X_OK):
         raise BenchError("--profile needs py-spy (pip install py-spy)")
     directory.mkdir(parents=True, exist_ok=True)
-    for measure in MEASURES:
+    for measure in measures:
         out = directory / f"{measure.key}.txt"
         recorder = subprocess.Popen(
             [spy, "record", "-p", str(topeng.pid), "-d", str(math.ceil(duration) + 1),

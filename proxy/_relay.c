@@ -22,6 +22,20 @@
  * shutdown, idle timeout, teardown) and read its counters without taking it back (Relay.peek).
  * Hand-backs are announced on an eventfd the event loop watches (Relay.fileno, Relay.take).
  *
+ * A restricted session may be handed over GATED (Relay.add with a gate): then the thread
+ * forwards only what the Python policy approved in advance, and hands back everything else
+ * before forwarding it. What it forwards on its own is the common prepared-statement round
+ * trip: a client chunk that is exactly Bind (unnamed portal, an approved statement, the
+ * approved result formats), Describe of that portal (or none, if the approval allows it),
+ * Execute (no row limit) and Sync, sent while nothing is in flight; and a server chunk that is
+ * exactly its whole reply: BindComplete, the approved RowDescription byte for byte, no more
+ * DataRows than the approval allows, a SELECT CommandComplete and ReadyForQuery 'I'. The policy approves a
+ * statement only once it has seen that very RowDescription pass unmasked, so the rows of such
+ * a reply need no masking. A request handed back while one is in flight (or a reply that is
+ * not of that shape) comes back with the in-flight request, which the Python session replays
+ * (and checks) before it reads the chunk. Each round trip is counted per approval, with its
+ * rows and its duration in a histogram, for the metrics.
+ *
  * Locking: one mutex guards every session; the thread holds it while it handles a batch of
  * epoll events, the event loop while it calls in. The thread never touches Python objects.
  */
@@ -87,6 +101,33 @@ typedef struct {
     size_t out_len, out_off, out_cap;
 } Side;
 
+/* A statement the policy approved for the gate (see the header). */
+typedef struct {
+    unsigned char *name;        /* the prepared statement's name */
+    size_t name_len;
+    unsigned char *formats;     /* the tail of Bind: result format count and codes */
+    size_t formats_len;
+    unsigned char *description; /* the whole RowDescription message a Describe returns */
+    size_t description_len;
+    int bare;                   /* Bind, Execute, Sync without Describe is approved too */
+    uint64_t max_rows;          /* rows a reply may hold; 0: no limit */
+    uint64_t runs, rows;        /* since the last collect */
+} Approval;
+
+typedef struct {
+    Approval *approvals;
+    size_t napprovals;
+    double *bounds;    /* the duration histogram's upper bounds (seconds), +Inf implied */
+    size_t nbounds;
+    uint64_t *buckets; /* nbounds + 1, since the last collect */
+    double sum;
+    long inflight;     /* the approval whose request is in flight, -1: none */
+    int described;
+    double started;
+    unsigned char *request; /* the in-flight request, as forwarded */
+    size_t request_len, request_cap;
+} Gate;
+
 typedef struct Session {
     int state;
     uint32_t gen;
@@ -96,6 +137,7 @@ typedef struct Session {
     int back, back_side;
     char *chunk;          /* BACK_CHUNK: the chunk, unforwarded */
     size_t chunk_len;
+    Gate *gate;           /* a restricted session's approvals; NULL: unrestricted */
     struct Session *next_back;
 } Session;
 
@@ -244,6 +286,193 @@ done:
     return PLAIN;
 }
 
+/* ------------------------------------------------------------------ the gate */
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static int
+be16(const unsigned char *p)
+{
+    return (int16_t)(((unsigned)p[0] << 8) | (unsigned)p[1]);
+}
+
+/* The message at d[pos] (n bytes in all): its type, and where it ends; 0 if it is not whole. */
+static int
+whole_message(const unsigned char *d, size_t n, size_t pos, size_t *end)
+{
+    if (n - pos < 5)
+        return 0;
+    uint32_t len = be32(d + pos + 1);
+    if (len < 4 || (uint64_t)len > (uint64_t)(n - pos - 1))
+        return 0;
+    *end = pos + 1 + (size_t)len;
+    return d[pos];
+}
+
+/*
+ * A Bind body: unnamed portal, then the statement name; the parameters are skipped; what is
+ * left (result formats) must be an approval's. Returns the approval's index, or -1.
+ */
+static long
+approved_bind(const Gate *g, const unsigned char *b, size_t n)
+{
+    if (n < 1 || b[0] != 0)
+        return -1; /* a named portal */
+    size_t p = 1;
+    const unsigned char *name = b + p;
+    const unsigned char *nul = memchr(name, 0, n - p);
+    if (!nul)
+        return -1;
+    size_t name_len = (size_t)(nul - name);
+    p += name_len + 1;
+    if (n - p < 2)
+        return -1;
+    int nformats = be16(b + p);
+    p += 2;
+    if (nformats < 0 || (size_t)nformats * 2 > n - p)
+        return -1;
+    p += (size_t)nformats * 2;
+    if (n - p < 2)
+        return -1;
+    int nparams = be16(b + p);
+    p += 2;
+    if (nparams < 0)
+        return -1;
+    for (int i = 0; i < nparams; i++) {
+        if (n - p < 4)
+            return -1;
+        int32_t len = (int32_t)be32(b + p);
+        p += 4;
+        if (len == -1)
+            continue;
+        if (len < 0 || (size_t)len > n - p)
+            return -1;
+        p += (size_t)len;
+    }
+    for (size_t i = 0; i < g->napprovals; i++) {
+        const Approval *a = &g->approvals[i];
+        if (a->name_len == name_len && a->formats_len == n - p &&
+            memcmp(a->name, name, name_len) == 0 && memcmp(a->formats, b + p, n - p) == 0)
+            return (long)i;
+    }
+    return -1;
+}
+
+/* A client chunk the gate forwards: Bind, [Describe], Execute, Sync of an approval, with
+ * nothing in flight. Sets *index and *described; NEEDS_PYTHON for anything else. */
+static int
+gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *described)
+{
+    size_t pos = 0, end;
+    if (g->inflight >= 0 || whole_message(d, n, pos, &end) != 'B')
+        return NEEDS_PYTHON;
+    long found = approved_bind(g, d + pos + 5, end - pos - 5);
+    if (found < 0)
+        return NEEDS_PYTHON;
+    pos = end;
+    int t = whole_message(d, n, pos, &end);
+    int desc = 0;
+    if (t == 'D') {
+        if (end - pos != 7 || d[pos + 5] != 'P' || d[pos + 6] != 0)
+            return NEEDS_PYTHON; /* a named portal, or a statement */
+        desc = 1;
+        pos = end;
+        t = whole_message(d, n, pos, &end);
+    }
+    if (t != 'E' || end - pos != 10 || memcmp(d + pos + 5, "\0\0\0\0\0", 5) != 0)
+        return NEEDS_PYTHON; /* a named portal, or a row count (a suspended portal) */
+    pos = end;
+    if (whole_message(d, n, pos, &end) != 'S' || end - pos != 5 || end != n)
+        return NEEDS_PYTHON;
+    const Approval *a = &g->approvals[found];
+    if (desc ? a->description_len == 0 : !a->bare)
+        return NEEDS_PYTHON;
+    *index = found;
+    *described = desc;
+    return PLAIN;
+}
+
+/* A server chunk the gate forwards: the whole reply to the request in flight. Sets *rows. */
+static int
+gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
+{
+    if (g->inflight < 0)
+        return NEEDS_PYTHON; /* a notice or a parameter status between requests */
+    const Approval *a = &g->approvals[g->inflight];
+    size_t pos = 0, end;
+    if (whole_message(d, n, pos, &end) != '2' || end != 5)
+        return NEEDS_PYTHON;
+    pos = end;
+    if (g->described) {
+        if (n - pos < a->description_len ||
+            memcmp(d + pos, a->description, a->description_len) != 0)
+            return NEEDS_PYTHON; /* not the description the policy saw pass */
+        pos += a->description_len;
+    }
+    uint64_t count = 0;
+    int t;
+    while ((t = whole_message(d, n, pos, &end)) == 'D') {
+        count++;
+        pos = end;
+    }
+    if (t != 'C' || end - pos < 5 + 7 || memcmp(d + pos + 5, "SELECT ", 7) != 0)
+        return NEEDS_PYTHON; /* an error, a notice, a split chunk, another command */
+    pos = end;
+    if (whole_message(d, n, pos, &end) != 'Z' || end - pos != 6 || d[pos + 5] != 'I' ||
+        end != n)
+        return NEEDS_PYTHON;
+    if (a->max_rows && count > a->max_rows)
+        return NEEDS_PYTHON; /* the row limit's refusal is the policy's to make */
+    *rows = count;
+    return PLAIN;
+}
+
+static int
+gate_keep_request(Gate *g, const unsigned char *d, size_t n)
+{
+    if (n > g->request_cap) {
+        unsigned char *grown = realloc(g->request, n);
+        if (!grown)
+            return -1;
+        g->request = grown;
+        g->request_cap = n;
+    }
+    memcpy(g->request, d, n);
+    g->request_len = n;
+    return 0;
+}
+
+static void
+gate_observe(Gate *g, double seconds)
+{
+    size_t i = 0;
+    while (i < g->nbounds && seconds > g->bounds[i])
+        i++;
+    g->buckets[i]++;
+    g->sum += seconds;
+}
+
+static void
+free_gate(Gate *g)
+{
+    if (!g)
+        return;
+    for (size_t i = 0; i < g->napprovals; i++) {
+        free(g->approvals[i].name);
+        free(g->approvals[i].formats);
+        free(g->approvals[i].description);
+    }
+    free(g->approvals);
+    free(g->bounds);
+    free(g->buckets);
+    free(g->request);
+    free(g);
+}
+
 /* ------------------------------------------------------------------ the relay thread */
 
 static void
@@ -350,7 +579,15 @@ on_readable(Relay *r, Session *s, int from)
         return;
     }
     size_t n = (size_t)got;
-    if (scan_chunk(&src->scan, r->buf, n, r->seen) != PLAIN) {
+    Gate *g = s->gate;
+    long index = -1;
+    int described = 0;
+    uint64_t rows = 0;
+    int gated = PLAIN;
+    if (g)
+        gated = from == CLIENT ? gate_request(g, r->buf, n, &index, &described)
+                               : gate_reply(g, r->buf, n, &rows);
+    if (gated != PLAIN || scan_chunk(&src->scan, r->buf, n, r->seen) != PLAIN) {
         s->chunk = malloc(n);
         if (s->chunk) {
             memcpy(s->chunk, r->buf, n);
@@ -363,6 +600,22 @@ on_readable(Relay *r, Session *s, int from)
     }
     if (from == CLIENT)
         s->last_activity = now_monotonic();
+    if (g && from == CLIENT) {
+        if (gate_keep_request(g, r->buf, n) < 0) {
+            hand_back(r, s, BACK_CLOSED, from); /* out of memory: end the session */
+            return;
+        }
+        g->inflight = index;
+        g->described = described;
+        g->started = s->last_activity;
+    } else if (g) {
+        Approval *a = &g->approvals[g->inflight];
+        a->runs++;
+        a->rows += rows;
+        gate_observe(g, now_monotonic() - g->started);
+        g->inflight = -1;
+        g->request_len = 0;
+    }
     size_t done = 0;
     while (done < n) {
         ssize_t w = send(dst->fd, r->buf + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -556,20 +809,76 @@ pending(Side *side)
                                      (Py_ssize_t)(side->out_len - side->out_off));
 }
 
-/* (id, back, back_side, client, server, last_activity, to_client, to_server, chunk) */
+/* (runs, rows, buckets, sum, request): what the gate counted since the last collect (each
+ * list in the order of the approvals, or of the histogram's buckets), which starts them again
+ * from zero, and the request in flight (b"" if none). */
+static PyObject *
+collect_gate(Gate *g)
+{
+    PyObject *runs = PyList_New((Py_ssize_t)g->napprovals);
+    PyObject *rows = PyList_New((Py_ssize_t)g->napprovals);
+    PyObject *buckets = PyList_New((Py_ssize_t)g->nbounds + 1);
+    if (!runs || !rows || !buckets)
+        goto fail;
+    for (size_t i = 0; i < g->napprovals; i++) {
+        PyObject *a = PyLong_FromUnsignedLongLong((unsigned long long)g->approvals[i].runs);
+        PyObject *b = PyLong_FromUnsignedLongLong((unsigned long long)g->approvals[i].rows);
+        if (!a || !b) {
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            goto fail;
+        }
+        PyList_SET_ITEM(runs, (Py_ssize_t)i, a);
+        PyList_SET_ITEM(rows, (Py_ssize_t)i, b);
+    }
+    for (size_t i = 0; i <= g->nbounds; i++) {
+        PyObject *c = PyLong_FromUnsignedLongLong((unsigned long long)g->buckets[i]);
+        if (!c)
+            goto fail;
+        PyList_SET_ITEM(buckets, (Py_ssize_t)i, c);
+    }
+    size_t inflight = g->inflight >= 0 ? g->request_len : 0;
+    PyObject *out = Py_BuildValue("(NNNdy#)", runs, rows, buckets, g->sum,
+                                  g->request ? (const char *)g->request : "",
+                                  (Py_ssize_t)inflight);
+    if (!out)
+        return NULL; /* Py_BuildValue's N took the lists even so */
+    for (size_t i = 0; i < g->napprovals; i++)
+        g->approvals[i].runs = g->approvals[i].rows = 0;
+    memset(g->buckets, 0, (g->nbounds + 1) * sizeof *g->buckets);
+    g->sum = 0;
+    return out;
+fail:
+    Py_XDECREF(runs);
+    Py_XDECREF(rows);
+    Py_XDECREF(buckets);
+    return NULL;
+}
+
+/* (id, back, back_side, client, server, last_activity, to_client, to_server, chunk, gate);
+ * gate is None for an unrestricted session. */
 static PyObject *
 collect(Session *s, int whole)
 {
+    PyObject *gate = Py_None;
+    Py_INCREF(gate);
+    if (s->gate) {
+        Py_DECREF(gate);
+        gate = collect_gate(s->gate);
+        if (!gate)
+            return NULL;
+    }
     PyObject *client = collect_scan(&s->side[CLIENT].scan);
     PyObject *server = client ? collect_scan(&s->side[SERVER].scan) : NULL;
     if (!server) {
         Py_XDECREF(client);
+        Py_DECREF(gate);
         return NULL;
     }
     unsigned long long id = (unsigned long long)session_id(s);
     if (!whole)
-        return Py_BuildValue("(KiiNNdyyy)", id, s->back, s->back_side, client,
-                             server, s->last_activity, "", "", "");
+        return Py_BuildValue("(KiiNNdyyyN)", id, s->back, s->back_side, client,
+                             server, s->last_activity, "", "", "", gate);
     PyObject *to_client = pending(&s->side[CLIENT]);
     PyObject *to_server = pending(&s->side[SERVER]);
     PyObject *chunk = PyBytes_FromStringAndSize(s->chunk ? s->chunk : "",
@@ -577,13 +886,14 @@ collect(Session *s, int whole)
     if (!to_client || !to_server || !chunk) {
         Py_DECREF(client);
         Py_DECREF(server);
+        Py_DECREF(gate);
         Py_XDECREF(to_client);
         Py_XDECREF(to_server);
         Py_XDECREF(chunk);
         return NULL;
     }
-    return Py_BuildValue("(KiiNNdNNN)", id, s->back, s->back_side, client,
-                         server, s->last_activity, to_client, to_server, chunk);
+    return Py_BuildValue("(KiiNNdNNNN)", id, s->back, s->back_side, client,
+                         server, s->last_activity, to_client, to_server, chunk, gate);
 }
 
 static void
@@ -593,6 +903,8 @@ free_session(Relay *r, size_t index)
     free(s->side[CLIENT].out);
     free(s->side[SERVER].out);
     free(s->chunk);
+    free_gate(s->gate);
+    s->gate = NULL;
     s->side[CLIENT].out = s->side[SERVER].out = NULL;
     s->chunk = NULL;
     s->chunk_len = 0;
@@ -636,20 +948,93 @@ start_thread(Relay *r)
     return 0;
 }
 
+static unsigned char *
+copy_bytes(PyObject *o, size_t *len, const char *what)
+{
+    if (!PyBytes_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "gate: %s must be bytes", what);
+        return NULL;
+    }
+    *len = (size_t)PyBytes_GET_SIZE(o);
+    unsigned char *out = malloc(*len ? *len : 1);
+    if (!out) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(out, PyBytes_AS_STRING(o), *len);
+    return out;
+}
+
+/* gate: (approvals, bounds); approvals: ((name, formats, description, bare, max_rows), ...),
+ * bounds: the duration histogram's finite upper bounds, ascending. */
+static Gate *
+load_gate(PyObject *spec)
+{
+    PyObject *approvals, *bounds;
+    if (!PyArg_ParseTuple(spec, "O!O!;relay gate", &PyTuple_Type, &approvals, &PyTuple_Type,
+                          &bounds))
+        return NULL;
+    Gate *g = calloc(1, sizeof *g);
+    if (!g) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    g->inflight = -1;
+    g->napprovals = (size_t)PyTuple_GET_SIZE(approvals);
+    g->nbounds = (size_t)PyTuple_GET_SIZE(bounds);
+    g->approvals = calloc(g->napprovals ? g->napprovals : 1, sizeof *g->approvals);
+    g->bounds = calloc(g->nbounds ? g->nbounds : 1, sizeof *g->bounds);
+    g->buckets = calloc(g->nbounds + 1, sizeof *g->buckets);
+    if (!g->approvals || !g->bounds || !g->buckets) {
+        free_gate(g);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (size_t i = 0; i < g->nbounds; i++) {
+        g->bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, (Py_ssize_t)i));
+        if (g->bounds[i] == -1.0 && PyErr_Occurred()) {
+            free_gate(g);
+            return NULL;
+        }
+    }
+    for (size_t i = 0; i < g->napprovals; i++) {
+        PyObject *name, *formats, *description;
+        int bare;
+        unsigned long long max_rows;
+        Approval *a = &g->approvals[i];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(approvals, (Py_ssize_t)i), "O!O!O!pK;relay approval",
+                              &PyBytes_Type, &name, &PyBytes_Type, &formats, &PyBytes_Type,
+                              &description, &bare, &max_rows) ||
+            !(a->name = copy_bytes(name, &a->name_len, "a statement name")) ||
+            !(a->formats = copy_bytes(formats, &a->formats_len, "result formats")) ||
+            !(a->description = copy_bytes(description, &a->description_len, "a description"))) {
+            free_gate(g);
+            return NULL;
+        }
+        a->bare = bare;
+        a->max_rows = max_rows;
+    }
+    return g;
+}
+
 static PyObject *
 Relay_add(Relay *r, PyObject *args)
 {
     int cfd, sfd;
-    PyObject *ccfg, *scfg, *cstate, *sstate;
-    if (!PyArg_ParseTuple(args, "iiOOOO", &cfd, &sfd, &ccfg, &scfg, &cstate, &sstate))
+    PyObject *ccfg, *scfg, *cstate, *sstate, *spec = Py_None;
+    if (!PyArg_ParseTuple(args, "iiOOOO|O", &cfd, &sfd, &ccfg, &scfg, &cstate, &sstate, &spec))
         return NULL;
     Session fresh;
     memset(&fresh, 0, sizeof fresh);
     if (load_scan(&fresh.side[CLIENT].scan, ccfg, cstate) < 0 ||
         load_scan(&fresh.side[SERVER].scan, scfg, sstate) < 0)
         return NULL;
-    if (start_thread(r) < 0)
+    if (spec != Py_None && !(fresh.gate = load_gate(spec)))
         return NULL;
+    if (start_thread(r) < 0) {
+        free_gate(fresh.gate);
+        return NULL;
+    }
     pthread_mutex_lock(&r->lock);
     size_t index = r->ntable;
     for (size_t i = 0; i < r->ntable; i++) {
@@ -664,6 +1049,7 @@ Relay_add(Relay *r, PyObject *args)
             Session **grown = realloc(r->table, cap * sizeof *grown);
             if (!grown) {
                 pthread_mutex_unlock(&r->lock);
+                free_gate(fresh.gate);
                 return PyErr_NoMemory();
             }
             r->table = grown;
@@ -672,6 +1058,7 @@ Relay_add(Relay *r, PyObject *args)
         Session *slot = calloc(1, sizeof *slot);
         if (!slot) {
             pthread_mutex_unlock(&r->lock);
+            free_gate(fresh.gate);
             return PyErr_NoMemory();
         }
         r->table[r->ntable++] = slot;
@@ -854,8 +1241,8 @@ Relay_dealloc(Relay *r)
 
 static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
-     "add(client_fd, server_fd, client_config, server_config, client_state, server_state)"
-     " -> id: relay a session until it needs Python"},
+     "add(client_fd, server_fd, client_config, server_config, client_state, server_state"
+     "[, gate]) -> id: relay a session until it needs Python"},
     {"recall", (PyCFunction)Relay_recall, METH_O, "recall(id) -> state: take a session back"},
     {"peek", (PyCFunction)Relay_peek, METH_O,
      "peek(id) -> state: a session's counters and scanner state, leaving it relayed"},

@@ -5,8 +5,14 @@ from proxy.wire.framing import ScanConfig
 ScanTuple = tuple[int, bytes, int, int, int, int, list[tuple[int, int]], int]
 """(skip, head, partial_type, last_type, last_status, tag_seen, counts, bytes)"""
 
-BackTuple = tuple[int, int, int, ScanTuple, ScanTuple, float, bytes, bytes, bytes]
-"""(id, why, side, client, server, last_activity, to_client, to_server, chunk)"""
+GateTuple = tuple[list[int], list[int], list[int], float, bytes]
+"""(runs, rows, buckets, seconds, request)"""
+
+BackTuple = tuple[int, int, int, ScanTuple, ScanTuple, float, bytes, bytes, bytes, GateTuple | None]
+"""(id, why, side, client, server, last_activity, to_client, to_server, chunk, gate)"""
+
+GateSpec = tuple[tuple[tuple[bytes, bytes, bytes, bool, int], ...], tuple[float, ...]]
+"""((name, formats, description, bare, max_rows), ...), histogram bounds"""
 
 BACK_RECALLED: int
 BACK_CHUNK: int
@@ -24,6 +30,7 @@ class Relay:
         server_config: ScanConfig,
         client_state: tuple[int, bytes, int, int, int, int],
         server_state: tuple[int, bytes, int, int, int, int],
+        gate: GateSpec | None = None,
         /,
     ) -> int: ...
     def recall(self, rid: int, /) -> BackTuple: ...

@@ -10,6 +10,13 @@ the end of either stream. The chunk that needs Python comes back unforwarded, wi
 state, so the Python fast path handles it exactly as if it had seen every chunk; then the
 session is handed over again.
 
+A restricted session can be handed over GATED, with approvals the session's policy made
+(`Session.gate_approvals`): the thread then forwards only the round trips of those prepared
+statements whose rows it knows to pass unchanged, and hands back everything else before
+forwarding it (see proxy/_relay.c). It counts what it ran per approval, with the rows and a
+duration histogram, for the metrics; a request in flight when it hands back comes back too, for
+`Session.replay_request`.
+
 `Relay` wraps the thread for one event loop: `add` hands a session over, `recall` takes it back
 (before Topeng itself writes to or closes the session), `peek` reads what it counted without
 taking it back, and hand-backs arrive at each session's `on_back`. `TOPENG_PURE_PYTHON=1` in
@@ -30,12 +37,16 @@ from proxy.wire.framing import MessageScanner
 if TYPE_CHECKING:
     from proxy._relay import BackTuple
 
-__all__ = ["AVAILABLE", "Handback", "Relay", "ScanReport"]
+__all__ = ["AVAILABLE", "GateReport", "GateSpec", "Handback", "Relay", "ScanReport"]
 
 
 _relay: Final = native.load("proxy._relay")
 AVAILABLE: Final = _relay is not None
 """Whether unrestricted plaintext sessions are relayed in C (`topeng serve` logs it)."""
+
+GateSpec = tuple[tuple[tuple[bytes, bytes, bytes, bool, int], ...], tuple[float, ...]]
+"""A gate for `Relay.add`: the approvals (`Approval.spec` of each) and the finite upper bounds
+of the duration histogram the thread fills."""
 
 # Why a session came back (the BACK_* codes of _relay.c), and their metric labels.
 RECALLED, CHUNK, CLOSED, WRITE_ERROR = 0, 1, 2, 3
@@ -70,6 +81,19 @@ class ScanReport:
 
 
 @dataclass(frozen=True, slots=True)
+class GateReport:
+    """What a gated session's thread ran since it last reported: statements run and rows
+    sent per approval (in the order given to `add`), the duration histogram's bucket counts
+    and sum, and (when it came back) the request it had forwarded and not seen answered."""
+
+    runs: list[int]
+    rows: list[int]
+    buckets: list[int]
+    seconds: float
+    request: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Handback:
     """A session back from the relay (or a report on one still there, from `peek`)."""
 
@@ -81,10 +105,11 @@ class Handback:
     to_client: bytes  # read and walked, not yet written: to be written first
     to_server: bytes
     chunk: bytes  # CHUNK: the chunk that needs the Python path, unforwarded and unwalked
+    gate: GateReport | None = None  # a gated session's report
 
 
 def _handback(item: BackTuple) -> tuple[int, Handback]:
-    rid, why, side, client, server, last_activity, to_client, to_server, chunk = item
+    rid, why, side, client, server, last_activity, to_client, to_server, chunk, gate = item
     return rid, Handback(
         why=why,
         side=side,
@@ -94,6 +119,7 @@ def _handback(item: BackTuple) -> tuple[int, Handback]:
         to_client=to_client,
         to_server=to_server,
         chunk=chunk,
+        gate=None if gate is None else GateReport(*gate),
     )
 
 
@@ -121,10 +147,12 @@ class Relay:
         client: MessageScanner,
         server: MessageScanner,
         on_back: Callable[[Handback], None],
+        gate: GateSpec | None = None,
     ) -> int | None:
         """Relays the session from here on; None if its scanners cannot be handed over now
         (one is collecting a watched message's body). The caller has stopped reading both
-        sockets and has nothing left to write to them."""
+        sockets and has nothing left to write to them. `gate`: (approvals, histogram bounds)
+        of a restricted session, each approval as `Approval.spec` gives it."""
         client_state, server_state = client.relay_state(), server.relay_state()
         if client_state is None or server_state is None:
             return None
@@ -135,6 +163,7 @@ class Relay:
             server.relay_config(),
             client_state,
             server_state,
+            gate,
         )
         self._owners[rid] = on_back
         self._handovers.inc()

@@ -34,7 +34,7 @@ from proxy.policy import fastmask
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.catalog import CATALOG_SQL, Catalog, CatalogCache, CatalogError
 from proxy.policy.catalog import from_json as catalog_from_json
-from proxy.policy.decision import Refuse
+from proxy.policy.decision import Decision, Refuse
 from proxy.policy.engine import AllowAll, RestrictedPolicy
 from proxy.policy.limits import Limiter, make_limiter
 from proxy.policy.masks import MaskCounts
@@ -42,16 +42,25 @@ from proxy.policy.roles import RoleMatch
 from proxy.policy.rules import HashKeySpec, Rules
 from proxy.policy.store import RulesStore
 from proxy.session import (
+    Approval,
     Counters,
+    GateMismatch,
     InternalResult,
     Phase,
     Session,
     SessionRefused,
     StatementPolicy,
+    _summary,
 )
 from proxy.tasks import spawn
 from proxy.wire import messages as m
-from proxy.wire.framing import BACKEND_LIMITS, FRONTEND_LIMITS, ProtocolViolation, StartupReader
+from proxy.wire.framing import (
+    BACKEND_LIMITS,
+    FRONTEND_LIMITS,
+    MessageScanner,
+    ProtocolViolation,
+    StartupReader,
+)
 from proxy.wire.startup import (
     SSL_REQUEST,
     CancelRequest,
@@ -64,6 +73,7 @@ from proxy.wire.startup import (
 log = logging.getLogger("topeng")
 
 PROTOCOL_VIOLATION = "08P01"
+INTERNAL_ERROR = "XX000"
 CONNECTION_FAILURE = "08006"
 TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
@@ -99,6 +109,15 @@ class _RoleMetrics:
         self.duration = tally.histogram(metrics.QUERY_DURATION.labels(role))
         self._queries: dict[str, tally.CounterTally] = {}
         self._refusals: dict[str, tally.CounterTally] = {}
+
+    def executed(self, decision: Decision, runs: int) -> None:
+        """`runs` statements of a prepared statement whose rows passed (the relay's gate)."""
+        summary = _summary(decision)[0]
+        counter = self._queries.get(summary)
+        if counter is None:
+            child = metrics.QUERIES.labels(self.role, summary)
+            counter = self._queries[summary] = tally.counter(child)
+        counter.n += runs
 
     def statement(self, decision: str, reason: str | None) -> None:
         counter = self._queries.get(decision)
@@ -145,6 +164,13 @@ class Connection:
         self._relay_fds: tuple[int, int] | None = None  # client, server; None: never relayed
         self._relay_id: int | None = None  # while the relay has it
         self._fast_feed: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+        # Tracked mode: the relay thread may carry the session through approved statements
+        # (the gate, proxy/relay.py) while it has them.
+        self._gated: list[Approval] | None = None  # the approvals it holds now
+        self._gate_busy = False  # a request of its is in flight (as of the last report)
+        self._gate_runs = 0  # statements it ran since the session was last handed over
+        self._gate_backoff = 0  # chances to skip after a short stay (doubles up to 64)
+        self._gate_skip = 0
 
     def _peer_name(self) -> str:
         t = self.client.transport
@@ -354,6 +380,9 @@ class Connection:
         self._flush(to_server)
         if session.mode == "fast":
             self._install_fast_path()
+        elif self.proxy.audit is None and hasattr(policy, "gateable"):
+            # Every statement of an audited session is written down: never gated.
+            self._relay_fds = self._plain_fds()
 
     def _refuse_session(self, refusal: Refuse) -> None:
         self.client.write(
@@ -516,6 +545,8 @@ class Connection:
         auth = self._authenticated
         if auth is not None and not auth.done() and session.phase is not Phase.AUTH:
             auth.set_result(None)
+        if self._relay_fds is not None and self._relay_id is None and not self.closing:
+            self._try_gate()
 
     def _client_broke_protocol(self, exc: ProtocolViolation) -> None:
         log.info("client %s: protocol violation: %s", self.peer, exc)
@@ -596,28 +627,37 @@ class Connection:
             fds.append(sock.fileno())
         return fds[0], fds[1]
 
-    def _try_relay(self) -> None:
-        """Hands the session to the relay thread if nothing is in the way: it is not ending,
-        nothing waits to be written either way, and the scanners are between messages they
-        would collect."""
+    def _can_hand_over(self) -> bool:
+        """Nothing in the way of handing the session to the relay thread: it is not ending,
+        and nothing waits to be written either way."""
         relay, fds = self.proxy.relay, self._relay_fds
         session, upstream = self.session, self.upstream
         if relay is None or fds is None or self._relay_id is not None or self.closing:
-            return
+            return False
         assert session is not None and upstream is not None
         client = self.client
         ct, ut = client.transport, upstream.transport
         if ct is None or ut is None or client.closed or upstream.closed or session.terminated:
-            return
+            return False
         if ct.get_write_buffer_size() or ut.get_write_buffer_size():
-            return
-        if client.holding_peer or upstream.holding_peer:
-            return
-        cscan, sscan = session.scanners
+            return False
+        if client.holding_peer or upstream.holding_peer or self._cancelling is not None:
+            return False
+        return True
+
+    def _hand_over(
+        self,
+        scanners: tuple[MessageScanner, MessageScanner],
+        gate: relays.GateSpec | None = None,
+    ) -> bool:
+        relay, fds, upstream = self.proxy.relay, self._relay_fds, self.upstream
+        assert relay is not None and fds is not None and upstream is not None
+        ct, ut = self.client.transport, upstream.transport
+        assert ct is not None and ut is not None
         ct.pause_reading()
         ut.pause_reading()
         try:
-            rid = relay.add(fds[0], fds[1], cscan, sscan, self._relay_back)
+            rid = relay.add(fds[0], fds[1], scanners[0], scanners[1], self._relay_back, gate)
         except OSError as exc:  # epoll refused the sockets: relay this one in Python
             log.warning("client %s: the relay thread cannot take the session: %s", self.peer, exc)
             self._relay_fds = None
@@ -625,13 +665,55 @@ class Connection:
         if rid is None:
             ct.resume_reading()
             ut.resume_reading()
-            return
+            return False
         self._relay_id = rid
+        return True
+
+    def _try_relay(self) -> None:
+        """Hands an unrestricted session to the relay thread if nothing is in the way and the
+        scanners are between messages they would collect."""
+        if self._can_hand_over():
+            assert self.session is not None
+            self._hand_over(self.session.scanners)
+
+    def _try_gate(self) -> None:
+        """Hands a restricted session to the relay thread, gated, if it is between requests
+        and has approved statements (after a short stay there, only every so often)."""
+        if self._gate_skip:
+            self._gate_skip -= 1
+            return
+        session = self.session
+        assert session is not None
+        approvals = session.gate_approvals()
+        if not approvals or not self._can_hand_over():
+            return
+        children = self._role_metrics()
+        if not children.duration.bounds:
+            return  # the duration histogram could not take the thread's counts
+        bounds = tuple(children.duration.bounds[:-1])  # (the last is +Inf)
+        spec = (tuple(a.spec() for a in approvals), bounds)
+        if self._hand_over(session.gate_scanners(), spec):
+            self._gated = approvals
+            self._gate_runs = 0
+
+    def ungate(self) -> None:
+        """Takes a gated session back from the relay thread (the rules were reloaded: its
+        approvals were made under the old ones)."""
+        rid, relay = self._relay_id, self.proxy.relay
+        if self._gated is not None and rid is not None and relay is not None:
+            self._relay_back(relay.recall(rid))
+
+    @property
+    def gate_busy(self) -> bool:
+        """A gated session with a request in flight (as of the relay's last report)."""
+        return self._gated is not None and self._gate_busy
 
     def _relay_back(self, back: relays.Handback) -> None:
         """The relay handed the session back: take over where it stopped."""
         self._relay_id = None
+        gated = self._gated
         self._absorb(back)
+        self._gated = None
         client, upstream = self.client, self.upstream
         assert upstream is not None
         for pipe in (client, upstream):
@@ -642,19 +724,62 @@ class Connection:
             client.write(back.to_client)
         if back.to_server:
             upstream.write(back.to_server)
+        if gated is not None:
+            self._gate_back(back)
+            return
         if back.chunk and self._fast_feed is not None:
             on_client, on_server = self._fast_feed
             (on_client if back.side == relays.CLIENT else on_server)(back.chunk)
 
+    def _gate_back(self, back: relays.Handback) -> None:
+        """A gated session back: the request in flight is replayed, then the chunk that
+        needed Python is read as if it had just arrived."""
+        session = self.session
+        assert session is not None
+        # A short stay: wait longer before the next hand-over (a client that mixes other
+        # requests in would otherwise go back and forth on every one).
+        if self._gate_runs < 4:
+            self._gate_backoff = min(64, max(1, self._gate_backoff * 2))
+        else:
+            self._gate_backoff = 0
+        self._gate_skip = self._gate_backoff
+        request = back.gate.request if back.gate is not None else b""
+        if request:
+            try:
+                session.replay_request(request)
+            except (GateMismatch, ProtocolViolation) as exc:
+                log.error("client %s: the gated session cannot go on: %s", self.peer, exc)
+                self._fatal(INTERNAL_ERROR, "topeng: internal error; the session must end")
+                self._end("internal_error")
+                return
+        if back.chunk:
+            if back.side == relays.CLIENT:
+                self._on_client_data(back.chunk)
+            else:
+                self._on_server_data(back.chunk)
+
     def _absorb(self, back: relays.Handback) -> None:
         session = self.session
         assert session is not None
-        cscan, sscan = session.scanners
-        back.client.apply(cscan)
-        back.server.apply(sscan)
+        gated = self._gated
+        if gated is None:
+            cscan, sscan = session.scanners
+            back.client.apply(cscan)
+            back.server.apply(sscan)
         session.relayed(back.client.nbytes, back.server.nbytes)
         if back.last_activity > self.last_activity:
             self.last_activity = back.last_activity
+        report = back.gate
+        if gated is None or report is None:
+            return
+        self._gate_busy = bool(report.request)
+        children = self._role_metrics()
+        for approval, runs, rows in zip(gated, report.runs, report.rows, strict=True):
+            if runs:
+                self._gate_runs += runs
+                session.gated(approval, runs, rows)
+                children.executed(approval.statement.decision, runs)
+        children.duration.merge(report.buckets, report.seconds)
 
     def _unrelay(self) -> None:
         """Takes the session back for good (it is ending), before Topeng writes to it."""
@@ -691,6 +816,12 @@ class Connection:
             session.cancel_requested = False
             self._cancel_running()
 
+    def _role_metrics(self) -> _RoleMetrics:
+        children = self._children
+        if children is None or children.role != self.role:
+            children = self._children = _RoleMetrics(self.role)
+        return children
+
     def _take_records(self) -> None:
         """Statements that ended: into the metrics and the audit log."""
         session = self.session
@@ -698,9 +829,7 @@ class Connection:
         records, session.records = session.records, []
         if not records:
             return
-        children = self._children
-        if children is None or children.role != self.role:
-            children = self._children = _RoleMetrics(self.role)
+        children = self._role_metrics()
         audit = self.proxy.audit
         for record in records:
             children.statement(record.decision, record.reason)
@@ -1014,9 +1143,18 @@ class Proxy:
     def over_limit(self) -> bool:
         return len(self.connections) > self.config.max_client_connections
 
+    def _rules_reloaded(self, ok: bool, detail: str) -> None:
+        """Gated sessions come back from the relay thread: their approvals were made under
+        the rules that were in force, and the next statement is judged under the new ones."""
+        if ok:
+            for conn in list(self.connections):
+                conn.ungate()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.relay = relays.Relay.create(loop)
+        if self.relay is not None:
+            self.rules.on_reload.append(self._rules_reloaded)
         reuse = self.config.workers > 1
         # Metrics and health first: once clients are accepted, /readyz and /metrics answer.
         if self.config.metrics_listen is not None:
@@ -1090,13 +1228,20 @@ class Proxy:
                     conn.check_statement_timeout(policy.statement_timeout)
                 if conn.relayed and (ticks % 4 == 0 or self.shutting_down or idle_limit):
                     conn.sync_relay()
+                if self.shutting_down:
+                    conn.ungate()  # (the session does not know whether it is idle)
                 if ticks % 4 == 0:
                     conn.flush_metrics()
                 if self.shutting_down and session.idle:
                     conn.close_for(
                         ADMIN_SHUTDOWN, "terminating connection due to administrator command"
                     )
-                elif idle_limit and now - conn.last_activity > idle_limit and session.quiet:
+                elif (
+                    idle_limit
+                    and now - conn.last_activity > idle_limit
+                    and session.quiet
+                    and not conn.gate_busy
+                ):
                     conn.close_for(
                         IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"
                     )

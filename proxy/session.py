@@ -31,6 +31,7 @@ later reply come from PostgreSQL itself, exactly as if PostgreSQL had refused th
 from __future__ import annotations
 
 import enum
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -271,6 +272,33 @@ class Statement:
     closing: bool = False  # a Close for it is on its way to the server
     generation: int = 0  # the policy's rules generation its decision was made under
     described: bool = False  # a Describe for it was sent (its reply may be on its way)
+    # The result formats of a Bind and the RowDescription message (bytes) of a whole reply
+    # group that passed unchanged: what the gate may approve (Session.gate_approvals).
+    passed: tuple[tuple[int, ...], bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A prepared statement the relay thread may run on its own (proxy/relay.py, the gate):
+    Bind of the unnamed portal to `name` with these result formats (the tail of the Bind
+    body), Describe of the portal, Execute, Sync; and the reply must describe the rows as
+    `description` did (the whole message, byte for byte) and hold at most `max_rows` rows
+    (0: no limit)."""
+
+    statement: Statement
+    name: bytes
+    formats: bytes
+    description: bytes
+    max_rows: int
+
+    def spec(self) -> tuple[bytes, bytes, bytes, bool, int]:
+        """As the C module takes it: (name, formats, description, bare, max_rows)."""
+        return self.name, self.formats, self.description, False, self.max_rows
+
+
+class GateMismatch(Exception):
+    """Replaying what the relay thread forwarded did not give the same bytes: the session's
+    state cannot be trusted and it must end."""
 
 
 @dataclass(slots=True)
@@ -738,6 +766,99 @@ class Session:
         were counted into `scanners`."""
         self._counters.bytes_in += bytes_in
         self._counters.bytes_out += bytes_out
+
+    # ------------------------------------------------------------------ the gate
+    # Strategy: between requests, a restricted session's steady state (a prepared statement
+    # run again and again, its rows passing unchanged) can be handed to the relay thread with
+    # approvals (proxy/relay.py). The thread forwards exactly the requests and replies
+    # approved here and hands back everything else before forwarding it, with the request in
+    # flight if there is one; `replay_request` then feeds that request through the session
+    # as if it had come now (its bytes must come out unchanged), so the session is where it
+    # would be had it seen every byte. What the thread ran is added with `gated`.
+
+    def gate_approvals(self) -> list[Approval] | None:
+        """The approvals for the relay thread's gate, or None if the session cannot be handed
+        over now (not between requests, or a policy with something to do per statement)."""
+        policy, passes = self.policy, self._passes
+        if (
+            self.mode != "tracked"
+            or self.phase is not Phase.READY
+            or policy is None
+            or passes is None
+            or self._queue
+            or self._result is not None
+            or self._copy_in
+            or self._skipping
+            or self._batch_open()
+            or self.transaction_status != "I"
+            or self._to_client
+            or self._to_server
+            or self._held_ready is not None
+            or self._client.pending()
+            or self._server.pending()
+        ):
+            return None
+        gateable = getattr(policy, "gateable", None)
+        if gateable is None or not gateable():
+            return None
+        generation = policy.generation
+        codec = self.client_codec
+        approvals: list[Approval] = []
+        for stmt in self._statements.values():
+            passed = stmt.passed
+            if (
+                passed is None
+                or not stmt.created
+                or stmt.closing
+                or stmt.generation != generation
+                or isinstance(stmt.decision, Refuse)
+            ):
+                continue
+            result_formats, raw = passed
+            found = self._descriptions.get(raw[5:])
+            if found is None:
+                continue
+            description = found[0]
+            portal = Portal("", stmt, result_formats)
+            if not passes(stmt.decision, description, self._formats(portal, description)):
+                continue
+            limit = policy.row_limit(stmt.decision)
+            approvals.append(
+                Approval(
+                    statement=stmt,
+                    name=stmt.name.encode(codec),
+                    formats=struct.pack(
+                        f"!h{len(result_formats)}h", len(result_formats), *result_formats
+                    ),
+                    description=raw,
+                    max_rows=0 if limit is None else max(1, limit.rows),
+                )
+            )
+        return approvals
+
+    def gate_scanners(self) -> tuple[MessageScanner, MessageScanner]:
+        """Header scanners, between messages, for the relay thread to hold each stream to the
+        limits with (the gate judges the messages themselves)."""
+        return (
+            MessageScanner(self.client_limits, frozenset()),
+            MessageScanner(self.server_limits, frozenset()),
+        )
+
+    def replay_request(self, request: bytes) -> None:
+        """A request the relay thread forwarded before it handed the session back: taken in
+        as if it came now. GateMismatch if the session would not have forwarded it as it
+        was (then it must end)."""
+        out = self.from_client(request)
+        self._counters.bytes_in -= len(request)  # counted by the relay already
+        if out != request or self._to_client:
+            raise GateMismatch("the session would not have forwarded the relayed request as is")
+
+    def gated(self, approval: Approval, runs: int, rows: int) -> None:
+        """Statements the relay thread ran under `approval`: their rows, counted here."""
+        if rows:
+            self._counters.rows += rows
+            assert self.policy is not None
+            self.policy.rows_sent(approval.statement.decision, rows)
 
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client
@@ -1386,6 +1507,8 @@ class Session:
         self._pop()  # BindComplete
         if description is not None:
             portal.description = description
+            if count:  # (the policy has just said these rows pass)
+                portal.statement.passed = (portal.result_formats, data[described:rows])
             self._pop()  # RowDescription
         self._completed(execute, decision, count, data, tag, ready)
         self._pop()  # CommandComplete

@@ -58,6 +58,18 @@ class HistogramTally:
         else:
             self.values.append(amount)
 
+    def merge(self, counts: list[int], total: float) -> bool:
+        """Bucket counts (one per bound, in order) and their sum, observed elsewhere (the relay
+        thread's gate); False if this tally cannot take them (no direct access)."""
+        if not self._direct or len(counts) != len(self.counts):
+            return False
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[i] += n
+        self.total += total
+        return True
+
     def flush(self) -> None:
         if not self._direct:
             values, self.values = self.values, []

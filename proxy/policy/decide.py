@@ -736,9 +736,8 @@ def _functions(facts: StatementFacts, role: Role) -> Refuse | None:
         )
         if is_set_config(name):
             why = set_config_verdict(facts.config_settings)
-            hint = (
-                "change session parameters with SET; parameters that may be set: "
-                + ", ".join(sorted(ALLOWED_SETTINGS))
+            hint = "change session parameters with SET; parameters that may be set: " + ", ".join(
+                sorted(ALLOWED_SETTINGS)
             )
         if why is not None:
             shown = ".".join(name)

@@ -585,6 +585,14 @@ class RestrictedPolicy:
             self._passing[(id(description), id(decision), formats)] = (description, decision)
         return planned
 
+    def gateable(self) -> bool:
+        """Whether the relay thread may run this role's approved statements on its own
+        (proxy/relay.py, the gate): nothing per statement to charge to a rate or to time out.
+        Follows a rules reload first, so a statement judged by older rules is not approved."""
+        if self._current() is not None:
+            return False
+        return not self._rated and self.statement_timeout is None
+
     def passes(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
     ) -> bool:

@@ -197,6 +197,83 @@ def test_unrestricted_sessions_go_through_the_c_relay(start_topeng: StartTopeng)
     assert counted[False] == counted[True] == (40001, 3)
 
 
+def test_restricted_prepared_statements_go_through_the_gate(
+    start_topeng: StartTopeng, tmp_path: Path
+) -> None:
+    """A supervisor (restricted, no rates) runs a prepared statement again and again: after
+    two round trips the relay thread runs it (the gate), and everything is counted as if
+    Python had; a masked statement is never gated and stays masked. With TOPENG_PURE_PYTHON
+    the counts are the same. Then the rules are reloaded to deny a column of the gated
+    statement: the very next run is refused, not forwarded by the thread."""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    counted = {}
+    plain_sql = "SELECT id, full_name FROM bank.customers WHERE id = %s"
+    nik_policy = "    nik: {mask: partial, keep_first: 6}\n"  # the first, in the "*" entry
+    assert nik_policy in BANK_RULES.read_text()
+    masked_sql = "SELECT id, nik FROM bank.customers WHERE id = %s"
+    for pure in (False, True):
+        rules = tmp_path / f"rules-{pure}.yaml"
+        shutil.copy(BANK_RULES, rules)
+        proxy = start_topeng(rules=rules, env={"TOPENG_PURE_PYTHON": "1"} if pure else None)
+        _, before = scrape(proxy)
+        with connect(proxy, "spv_budi") as conn:
+            for i in range(1, 31):
+                row = conn.execute(plain_sql, (i,), prepare=True).fetchone()
+                assert row is not None and row[0] == i
+            # The thread has the session now; the reload must take it back.
+            rules.write_text(
+                BANK_RULES.read_text()
+                .replace("labels:\n", 'labels:\n  customer_name: ["*.*.full_name"]\n', 1)
+                .replace(nik_policy, nik_policy + "    customer_name: deny\n", 1)
+            )
+            proxy.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda p=proxy: value(scrape(p)[1], "topeng_rules_reloads_total", result="ok") >= 1,
+                "the rules reloaded",
+            )
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(plain_sql, (1,), prepare=True)
+            for i in range(1, 11):
+                row = conn.execute(masked_sql, (i,), prepare=True).fetchone()
+                assert row is not None and str(row[1]).endswith("**********"), row
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1/%s::int", (0,), prepare=True)
+            rows_before = value(before, "topeng_rows_total", role="supervisor")
+            wait_until(
+                lambda p=proxy, least=rows_before + 40: (
+                    value(scrape(p)[1], "topeng_rows_total", role="supervisor") >= least
+                ),
+                "the rows counted (the sweep reads the relay's counts once a second)",
+            )
+            _, during = scrape(proxy)
+        wait_until(
+            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 1,
+            "the connection counted as ended ok",
+        )
+
+        def delta(
+            name: str, after: Samples = during, before: Samples = before, **labels: str
+        ) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        handovers = delta("topeng_relay_handovers_total")
+        if pure:
+            assert handovers == 0
+        else:
+            assert handovers >= 1, "the plain statement was handed to the thread"
+        counted[pure] = (
+            delta("topeng_rows_total", role="supervisor"),
+            delta("topeng_queries_total", role="supervisor", decision="allowed"),
+            delta("topeng_queries_total", role="supervisor", decision="masked"),
+            delta("topeng_refusals_total", role="supervisor", reason="denied_column"),
+            delta("topeng_query_duration_seconds_count", role="supervisor"),
+        )
+        proxy.stop()
+    assert counted[False] == counted[True]
+    assert counted[False][:4] == (40, 31, 10, 1), counted[False]
+
+
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     shutil.copy(BANK_RULES, rules)

@@ -43,6 +43,7 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "topeng-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 
+
 @pytest.fixture(autouse=True)
 def _prometheus_installed() -> None:
     if PROMTOOL is None or PROMETHEUS is None:

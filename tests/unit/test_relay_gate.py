@@ -1,0 +1,477 @@
+"""The relay thread's gate (proxy/_relay.c, Session.gate_approvals and replay_request).
+
+A restricted session between requests may be handed to the relay thread with approvals: the
+thread forwards the approved prepared-statement round trips itself and hands back everything
+else before forwarding it. Whatever the thread does, the client and the server must see
+exactly the bytes they would have seen had the Python session handled every chunk, and the
+session must count the same rows. So each conversation here runs twice between socketpairs,
+once with the gate and once without, against a scripted server, and the two are compared.
+
+The scripted server answers Parse, Bind, Describe, Execute, Sync and Query the way
+PostgreSQL does; a Bind's first parameter says what its Execute returns: a number of rows,
+`err` for an error, `alt` for another row description, `notice` for a notice before the rows.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from harness import needs_tool
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.tracked import ACCOUNTS_OID, pgbench_catalog, ready_session
+from proxy import relay as relays
+from proxy.policy.cache import AnalysisCache
+from proxy.policy.engine import RestrictedPolicy
+from proxy.policy.limits import make_limiter
+from proxy.policy.rules import Rules, load_rules
+from proxy.session import Approval, Session
+from proxy.wire import messages as m
+from proxy.wire.framing import FRONTEND_LIMITS, MessageReader
+
+if relays.AVAILABLE:
+    from proxy import _relay
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_ROWS = 5
+SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+MASKED_SQL = "SELECT bid FROM pgbench_accounts WHERE aid = $1"  # bid: labelled here
+BOUNDS = (0.001, 0.01, 0.1, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+
+
+def rules(tmp: Path, extra: str = "") -> Rules:
+    (tmp / "00-gate.yaml").write_text(
+        "version: 1\n"
+        "roles:\n"
+        "  gated:\n"
+        "    users: [bench_agent]\n"
+        "    statements: [select]\n"
+        f"    max_rows_per_query: {MAX_ROWS}\n{extra}"
+        "labels:\n"
+        "  branch: [public.pgbench_accounts.bid]\n"
+        "policies:\n"
+        "  gated:\n"
+        "    branch: {mask: redact}\n"
+    )
+    (tmp / "10-bank.yaml").write_text((REPO / "rules" / "bank.yaml").read_text())
+    return load_rules(tmp)
+
+
+def policy(r: Rules) -> RestrictedPolicy:
+    return RestrictedPolicy(
+        r,
+        r.role("gated"),
+        pgbench_catalog(),
+        ("pg_catalog", "public"),
+        cache=AnalysisCache(),
+        hash_key=b"k" * 32,
+        on_masked=None,
+        limiter=make_limiter(r),
+        user="bench_agent",
+        rules_source=lambda: r,
+    )
+
+
+# ------------------------------------------------------------------ the scripted server
+
+FIELD = m.FieldDescription("abalance", ACCOUNTS_OID, 3, 23, 4, -1, 0)
+ALT_FIELD = m.FieldDescription("bid", ACCOUNTS_OID, 2, 23, 4, -1, 0)
+# The same length and name as FIELD, but the rows come from the labelled column bid.
+SAME_SHAPE_FIELD = m.FieldDescription("abalance", ACCOUNTS_OID, 2, 23, 4, -1, 0)
+
+
+def description(param: bytes, sql: str) -> bytes:
+    if param == b"alt" or "bid" in sql:
+        return m.RowDescription((ALT_FIELD,)).encode()
+    if param == b"same":
+        return m.RowDescription((SAME_SHAPE_FIELD,)).encode()
+    return m.RowDescription((FIELD,)).encode()
+
+
+@dataclass
+class ScriptedServer:
+    """PostgreSQL's answers to the extended and simple protocol, for this test's statements."""
+
+    reader: MessageReader = field(default_factory=lambda: MessageReader(FRONTEND_LIMITS))
+    statements: dict[str, str] = field(default_factory=dict)
+    portal_param: bytes = b"1"
+    portal_sql: str = SQL
+    failed: bool = False  # an error in this batch: skip to Sync
+
+    def feed(self, data: bytes) -> bytes:
+        self.reader.feed(data)
+        out: list[bytes] = []
+        while (msg := self.reader.next_raw()) is not None:
+            mtype, body, _ = msg
+            kind = chr(mtype)
+            if kind == "S":
+                self.failed = False
+                out.append(m.ReadyForQuery("I").encode())
+            elif self.failed:
+                continue
+            elif kind == "P":
+                p = m.Parse.decode(bytes(body))
+                self.statements[p.name] = p.sql
+                out.append(m.frame(b"1", b""))
+            elif kind == "B":
+                bind = m.Bind.decode(bytes(body))
+                if bind.statement not in self.statements:
+                    self.failed = True
+                    out.append(m.error_response("26000", "prepared statement does not exist"))
+                    continue
+                self.portal_sql = self.statements[bind.statement]
+                self.portal_param = (bind.params[0] or b"") if bind.params else b"1"
+                out.append(m.frame(b"2", b""))
+            elif kind == "D":
+                out.append(description(self.portal_param, self.portal_sql))
+            elif kind == "E":
+                out.append(self._execute())
+            elif kind == "Q":
+                out += [description(b"", ""), m.DataRow((b"7",)).encode()]
+                out += [m.CommandComplete("SELECT 1").encode(), m.ReadyForQuery("I").encode()]
+            elif kind == "C":
+                self.statements.pop(m.Close.decode(bytes(body)).name, None)
+                out.append(m.frame(b"3", b""))
+            else:
+                raise AssertionError(f"the scripted server got {kind!r}")
+        return b"".join(out)
+
+    def _execute(self) -> bytes:
+        param = self.portal_param
+        if param == b"err":
+            self.failed = True
+            return m.error_response("22012", "division by zero")
+        parts = []
+        if param == b"notice":
+            parts.append(m.frame(b"N", b"SNOTICE\0C00000\0Mhello\0\0"))
+            param = b"1"
+        rows = 1 if param in (b"alt", b"same") else int(param)
+        parts += [m.DataRow((str(i).encode(),)).encode() for i in range(rows)]
+        parts.append(m.CommandComplete(f"SELECT {rows}").encode())
+        return b"".join(parts)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+@dataclass
+class Driver:
+    """A restricted Session between socketpairs, with (or without) the relay's gate, in the
+    part Connection plays: hand over when approvals exist, take hand-backs, replay."""
+
+    session: Session
+    gated: bool
+    relay: object = None
+    rid: int | None = None
+    approvals: list[Approval] = field(default_factory=list)
+    server: ScriptedServer = field(default_factory=ScriptedServer)
+    runs: int = 0
+    rows_gated: int = 0
+    handovers: int = 0
+    handbacks: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS) + 1))
+
+    def __post_init__(self) -> None:
+        self.client_app, self.client_end = socket.socketpair()
+        self.server_end, self.server_app = socket.socketpair()
+        for s in (self.client_app, self.client_end, self.server_end, self.server_app):
+            s.setblocking(False)
+        self.relay = _relay.Relay()
+
+    def close(self) -> None:
+        if self.rid is not None:
+            self._back(self.relay.recall(self.rid))  # type: ignore[attr-defined]
+        for s in (self.client_app, self.client_end, self.server_end, self.server_app):
+            s.close()
+
+    def _try_gate(self) -> None:
+        if not self.gated or self.rid is not None:
+            return
+        approvals = self.session.gate_approvals()
+        if not approvals:
+            return
+        cscan, sscan = self.session.gate_scanners()
+        self.approvals = approvals
+        spec = (tuple(a.spec() for a in approvals), BOUNDS)
+        self.rid = self.relay.add(  # type: ignore[attr-defined]
+            self.client_end.fileno(),
+            self.server_end.fileno(),
+            cscan.relay_config(),
+            sscan.relay_config(),
+            cscan.relay_state(),
+            sscan.relay_state(),
+            spec,
+        )
+        self.handovers += 1
+
+    def _back(self, item: _relay.BackTuple) -> None:
+        back = relays._handback(item)[1]
+        self.rid = None
+        self.handbacks += 1
+        self._absorb(back)
+        _send(self.client_end, back.to_client)
+        _send(self.server_end, back.to_server)
+        assert back.gate is not None
+        if back.gate.request:
+            self.session.replay_request(back.gate.request)
+        if back.chunk:
+            if back.side == relays.CLIENT:
+                self._from_client(back.chunk)
+            else:
+                self._from_server(back.chunk)
+
+    def _absorb(self, back: relays.Handback) -> None:
+        assert back.gate is not None
+        self.session.relayed(back.client.nbytes, back.server.nbytes)
+        for approval, runs, rows in zip(
+            self.approvals, back.gate.runs, back.gate.rows, strict=True
+        ):
+            self.runs += runs
+            self.rows_gated += rows
+            if runs:
+                self.session.gated(approval, runs, rows)
+        for i, n in enumerate(back.gate.buckets):
+            self.buckets[i] += n
+
+    def _from_client(self, data: bytes) -> None:
+        _send(self.server_end, self.session.from_client(data))
+        _send(self.client_end, self.session.take_to_client())
+
+    def _from_server(self, data: bytes) -> None:
+        _send(self.client_end, self.session.from_server(data))
+        _send(self.server_end, self.session.take_to_server())
+        self.session.records.clear()
+        self._try_gate()
+
+    def service(self) -> None:
+        for item in self.relay.take():  # type: ignore[attr-defined]
+            self._back(item)
+        if self.rid is not None:
+            return
+        for src, handle in (
+            (self.client_end, self._from_client),
+            (self.server_end, self._from_server),
+        ):
+            try:
+                chunk = src.recv(1 << 18)
+            except BlockingIOError:
+                continue
+            if chunk:
+                handle(chunk)
+            if self.rid is not None:
+                return
+
+    def exchange(self, request: bytes) -> bytes:
+        """The client sends `request`; the scripted server answers each chunk it receives;
+        returns what reached the client once it has a ReadyForQuery for each Sync/Query."""
+        expected = sum(1 for t, _ in _types(request) if t in "SQ")
+        _send(self.client_app, request)
+        got = bytearray()
+        deadline = time.monotonic() + 20
+        while sum(1 for t, _ in _types(bytes(got)) if t == "Z") < expected:
+            assert time.monotonic() < deadline, f"stuck with {bytes(got)!r}"
+            self.service()
+            watch = [self.client_app, self.server_app, self.relay.fileno()]  # type: ignore[attr-defined]
+            watch += [self.client_end, self.server_end]
+            readable, _, _ = select.select(watch, [], [], 0.05)
+            if self.server_app in readable:
+                try:
+                    _send(self.server_app, self.server.feed(self.server_app.recv(1 << 18)))
+                except BlockingIOError:
+                    pass
+            if self.client_app in readable:
+                try:
+                    got += self.client_app.recv(1 << 18)
+                except BlockingIOError:
+                    pass
+        return bytes(got)
+
+
+def _types(data: bytes) -> list[tuple[str, int]]:
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if pos + 1 + length > len(data):
+            break
+        out.append((chr(data[pos]), length))
+        pos += 1 + length
+    return out
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            select.select([], [sock], [], 1.0)
+
+
+# ------------------------------------------------------------------ requests
+
+
+def parse(name: str, sql: str = SQL) -> bytes:
+    return m.Parse(name, sql, ()).encode() + m.frame(b"S", b"")
+
+
+def run(name: str, param: bytes, *, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
+    parts = [m.Bind("", name, (), (param,), formats).encode()]
+    if describe:
+        parts.append(m.Describe("P", "").encode())
+    parts += [m.Execute("", 0).encode(), m.frame(b"S", b"")]
+    return b"".join(parts)
+
+
+def query(sql: str = "SELECT abalance FROM pgbench_accounts WHERE aid = 1") -> bytes:
+    return m.Query(sql).encode()
+
+
+def converse(tmp: Path, steps: list[bytes], *, gated: bool) -> tuple[list[bytes], Driver]:
+    d = Driver(ready_session(policy(rules(tmp))), gated=gated)
+    try:
+        replies = [d.exchange(step) for step in steps]
+    finally:
+        d.close()
+    return replies, d
+
+
+@pytest.fixture
+def tmp_rules(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_the_steady_state_runs_in_the_thread_and_counts_as_python_would(tmp_rules: Path) -> None:
+    steps = [parse("s1")] + [run("s1", b"1") for _ in range(20)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    # The first round trip plans the rows, the second finds them passing in one step and
+    # leaves the approval; the thread runs the other 18.
+    assert g.handovers == 1
+    assert g.runs == 18 and g.rows_gated == 18
+    assert sum(g.buckets) == 18, "each round trip the thread ran is in the duration histogram"
+    assert g.session.counters.rows == p.session.counters.rows == 20
+    assert g.session.counters.bytes_in == p.session.counters.bytes_in
+    assert g.session.counters.bytes_out == p.session.counters.bytes_out
+
+
+@pytest.mark.parametrize(
+    ("label", "request_"),
+    [
+        ("more rows than the role may see: refused by the policy", run("s1", b"6")),
+        ("an error", run("s1", b"err")),
+        ("another row description", run("s1", b"alt")),
+        ("a row description of the same size from a labelled column", run("s1", b"same")),
+        ("a notice among the replies", run("s1", b"notice")),
+        ("no Describe", run("s1", b"1", describe=False)),
+        ("binary results", run("s1", b"1", formats=(1,))),
+        ("two round trips in one chunk", run("s1", b"1") + run("s1", b"2")),
+        ("a simple query", query()),
+        ("a new statement", parse("s2")),
+        ("a statement the thread was not given", run("nope", b"1")),
+    ],
+)
+def test_anything_else_comes_back_to_python_first(
+    tmp_rules: Path, label: str, request_: bytes
+) -> None:
+    steps = [parse("s1"), run("s1", b"1"), run("s1", b"2"), request_, run("s1", b"3")]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain, label
+    assert g.handbacks >= 2, "handed back for the odd one out (and at the end)"
+    assert g.session.counters.rows == p.session.counters.rows
+    assert g.session.transaction_status == p.session.transaction_status == "I"
+
+
+def test_the_row_limit_still_refuses(tmp_rules: Path) -> None:
+    steps = [parse("s1"), run("s1", b"1"), run("s1", b"1"), run("s1", b"6")]
+    replies, g = converse(tmp_rules, steps, gated=True)
+    assert b"54000" in replies[-1], "max_rows_per_query refused the six rows"
+    assert m.DataRow((b"4",)).encode() in replies[-1], "rows up to the limit went on"
+    assert m.DataRow((b"5",)).encode() not in replies[-1], "the sixth row never reached it"
+    assert g.handovers >= 1 and g.runs == 0, "the thread handed the six rows back"
+
+
+def test_a_masked_statement_is_never_approved(tmp_rules: Path) -> None:
+    d = Driver(ready_session(policy(rules(tmp_rules))), gated=True)
+    try:
+        d.exchange(parse("s1", MASKED_SQL))
+        d.exchange(run("s1", b"1"))
+        assert d.session.gate_approvals() == []
+        assert d.handovers == 0
+    finally:
+        d.close()
+
+
+def test_a_rate_limited_role_is_never_gated(tmp_rules: Path) -> None:
+    r = rules(tmp_rules, "    max_queries_per_minute: 1000\n")
+    d = Driver(ready_session(policy(r)), gated=True)
+    try:
+        d.exchange(parse("s1"))
+        for _ in range(3):
+            d.exchange(run("s1", b"1"))
+        assert d.session.gate_approvals() is None
+        assert d.handovers == 0
+    finally:
+        d.close()
+
+
+def test_a_replayed_request_that_would_not_go_as_it_came_is_refused(tmp_rules: Path) -> None:
+    from proxy.session import GateMismatch
+
+    session = ready_session(policy(rules(tmp_rules)))
+    session.from_client(parse("s1", MASKED_SQL))
+    session.from_server(m.frame(b"1", b"") + m.ReadyForQuery("I").encode())
+    session.take_to_client()
+    # Without Describe, rows to mask need their description: Topeng would add its own.
+    with pytest.raises(GateMismatch):
+        session.replay_request(run("s1", b"1", describe=False))
+
+
+STEP = st.sampled_from(
+    [
+        run("s1", b"1"),
+        run("s1", b"0"),
+        run("s1", b"5"),
+        run("s1", b"6"),
+        run("s1", b"err"),
+        run("s1", b"alt"),
+        run("s1", b"same"),
+        run("s1", b"notice"),
+        run("s1", b"1", describe=False),
+        run("s2", b"2"),
+        run("s1", b"1") + run("s2", b"1"),
+        query(),
+        m.Close("S", "s2").encode() + m.frame(b"S", b""),
+        parse("s2"),
+    ]
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(STEP, min_size=1, max_size=12))
+def test_any_conversation_is_the_same_with_the_gate(tmp_rules: Path, steps: list[bytes]) -> None:
+    steps = [parse("s1"), parse("s2"), run("s1", b"1"), run("s2", b"1"), *steps]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    assert g.session.counters.rows == p.session.counters.rows
+    assert g.session.counters.bytes_in == p.session.counters.bytes_in
