@@ -101,7 +101,11 @@ typedef struct {
     size_t out_len, out_off, out_cap;
 } Side;
 
-/* A statement the policy approved for the gate (see the header). */
+/* What fills a hole of a query template: an unsigned integer, or a plain string constant. */
+enum { HOLE_END = 0, HOLE_INTEGER = 1, HOLE_STRING = 2 };
+
+/* A statement the policy approved for the gate (see the header): a prepared statement (name
+ * set), or a simple query's template (nsegments set). */
 typedef struct {
     unsigned char *name;        /* the prepared statement's name */
     size_t name_len;
@@ -111,6 +115,12 @@ typedef struct {
     size_t description_len;
     int bare;                   /* Bind, Execute, Sync without Describe is approved too */
     uint64_t max_rows;          /* rows a reply may hold; 0: no limit */
+    /* A query template: its text is segments[0] hole[0] segments[1] hole[1] ... up to the
+     * segment whose hole is HOLE_END. */
+    size_t nsegments;
+    unsigned char **segments;
+    size_t *segment_len;
+    int *holes;
     uint64_t runs, rows;        /* since the last collect */
 } Approval;
 
@@ -355,20 +365,94 @@ approved_bind(const Gate *g, const unsigned char *b, size_t n)
     }
     for (size_t i = 0; i < g->napprovals; i++) {
         const Approval *a = &g->approvals[i];
-        if (a->name_len == name_len && a->formats_len == n - p &&
+        if (!a->nsegments && a->name_len == name_len && a->formats_len == n - p &&
             memcmp(a->name, name, name_len) == 0 && memcmp(a->formats, b + p, n - p) == 0)
             return (long)i;
     }
     return -1;
 }
 
-/* A client chunk the gate forwards: Bind, [Describe], Execute, Sync of an approval, with
- * nothing in flight. Sets *index and *described; NEEDS_PYTHON for anything else. */
+/* The length of a hole's filler at q[0..n), or 0 if none is there. An integer: digits (at
+ * most 32). A string: quote, then bytes other than quote and backslash (two quotes stand for
+ * one), then quote. The template's bytes around a hole are never ones that would join it. */
+static size_t
+hole_filler(int hole, const unsigned char *q, size_t n)
+{
+    size_t i = 0;
+    if (hole == HOLE_INTEGER) {
+        while (i < n && i < 32 && q[i] >= '0' && q[i] <= '9')
+            i++;
+        return i < n && q[i] >= '0' && q[i] <= '9' ? 0 : i;
+    }
+    if (n < 2 || q[0] != '\'')
+        return 0;
+    for (i = 1; i < n; i++) {
+        if (q[i] == '\\' || q[i] == 0)
+            return 0;
+        if (q[i] == '\'') {
+            if (i + 1 < n && q[i + 1] == '\'') {
+                i++;
+                continue;
+            }
+            return i + 1;
+        }
+    }
+    return 0;
+}
+
+/* Whether the query text q[0..n) is the template with each hole filled. */
+static int
+matches_template(const Approval *a, const unsigned char *q, size_t n)
+{
+    size_t pos = 0;
+    for (size_t i = 0; i < a->nsegments; i++) {
+        size_t len = a->segment_len[i];
+        if (n - pos < len || memcmp(q + pos, a->segments[i], len) != 0)
+            return 0;
+        pos += len;
+        if (a->holes[i] == HOLE_END)
+            return pos == n;
+        size_t filled = hole_filler(a->holes[i], q + pos, n - pos);
+        if (!filled)
+            return 0;
+        pos += filled;
+    }
+    return 0;
+}
+
+/* A Query message whose text matches an approved template. */
+static long
+approved_query(const Gate *g, const unsigned char *body, size_t n)
+{
+    if (n < 1 || body[n - 1] != 0 || memchr(body, 0, n - 1))
+        return -1;
+    for (size_t i = 0; i < g->napprovals; i++) {
+        const Approval *a = &g->approvals[i];
+        if (a->nsegments && matches_template(a, body, n - 1))
+            return (long)i;
+    }
+    return -1;
+}
+
+/* A client chunk the gate forwards, with nothing in flight: Bind, [Describe], Execute, Sync
+ * of an approved statement, or one Query that fits an approved template. Sets *index and
+ * *described; NEEDS_PYTHON for anything else. */
 static int
 gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *described)
 {
     size_t pos = 0, end;
-    if (g->inflight >= 0 || whole_message(d, n, pos, &end) != 'B')
+    if (g->inflight >= 0)
+        return NEEDS_PYTHON;
+    int first = whole_message(d, n, pos, &end);
+    if (first == 'Q' && end == n) {
+        long found = approved_query(g, d + 5, n - 5);
+        if (found < 0)
+            return NEEDS_PYTHON;
+        *index = found;
+        *described = 1; /* a query's reply describes its rows */
+        return PLAIN;
+    }
+    if (first != 'B')
         return NEEDS_PYTHON;
     long found = approved_bind(g, d + pos + 5, end - pos - 5);
     if (found < 0)
@@ -404,9 +488,11 @@ gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
         return NEEDS_PYTHON; /* a notice or a parameter status between requests */
     const Approval *a = &g->approvals[g->inflight];
     size_t pos = 0, end;
-    if (whole_message(d, n, pos, &end) != '2' || end != 5)
-        return NEEDS_PYTHON;
-    pos = end;
+    if (!a->nsegments) {
+        if (whole_message(d, n, pos, &end) != '2' || end != 5)
+            return NEEDS_PYTHON; /* BindComplete first */
+        pos = end;
+    }
     if (g->described) {
         if (n - pos < a->description_len ||
             memcmp(d + pos, a->description, a->description_len) != 0)
@@ -462,9 +548,15 @@ free_gate(Gate *g)
     if (!g)
         return;
     for (size_t i = 0; i < g->napprovals; i++) {
-        free(g->approvals[i].name);
-        free(g->approvals[i].formats);
-        free(g->approvals[i].description);
+        Approval *a = &g->approvals[i];
+        free(a->name);
+        free(a->formats);
+        free(a->description);
+        for (size_t j = 0; j < a->nsegments; j++)
+            free(a->segments[j]);
+        free(a->segments);
+        free(a->segment_len);
+        free(a->holes);
     }
     free(g->approvals);
     free(g->bounds);
@@ -965,8 +1057,43 @@ copy_bytes(PyObject *o, size_t *len, const char *what)
     return out;
 }
 
-/* gate: (approvals, bounds); approvals: ((name, formats, description, bare, max_rows), ...),
- * bounds: the duration histogram's finite upper bounds, ascending. */
+/* A query template: ((segment, hole), ...), the last hole HOLE_END. */
+static int
+load_template(Approval *a, PyObject *template)
+{
+    if (!PyTuple_Check(template) || PyTuple_GET_SIZE(template) < 1) {
+        PyErr_SetString(PyExc_ValueError, "gate: a template is a non-empty tuple");
+        return -1;
+    }
+    size_t n = (size_t)PyTuple_GET_SIZE(template);
+    a->segments = calloc(n, sizeof *a->segments);
+    a->segment_len = calloc(n, sizeof *a->segment_len);
+    a->holes = calloc(n, sizeof *a->holes);
+    if (!a->segments || !a->segment_len || !a->holes) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    a->nsegments = n;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *segment;
+        int hole;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(template, (Py_ssize_t)i), "O!i;gate template",
+                              &PyBytes_Type, &segment, &hole))
+            return -1;
+        if (hole < HOLE_END || hole > HOLE_STRING || (hole == HOLE_END) != (i == n - 1)) {
+            PyErr_SetString(PyExc_ValueError, "gate: a template's last hole, and only it, ends it");
+            return -1;
+        }
+        a->holes[i] = hole;
+        if (!(a->segments[i] = copy_bytes(segment, &a->segment_len[i], "a segment")))
+            return -1;
+    }
+    return 0;
+}
+
+/* gate: (approvals, bounds); approvals: ((name, formats, description, bare, max_rows,
+ * template), ...) with template None for a prepared statement; bounds: the duration
+ * histogram's finite upper bounds, ascending. */
 static Gate *
 load_gate(PyObject *spec)
 {
@@ -998,13 +1125,14 @@ load_gate(PyObject *spec)
         }
     }
     for (size_t i = 0; i < g->napprovals; i++) {
-        PyObject *name, *formats, *description;
+        PyObject *name, *formats, *description, *template;
         int bare;
         unsigned long long max_rows;
         Approval *a = &g->approvals[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(approvals, (Py_ssize_t)i), "O!O!O!pK;relay approval",
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(approvals, (Py_ssize_t)i), "O!O!O!pKO;relay approval",
                               &PyBytes_Type, &name, &PyBytes_Type, &formats, &PyBytes_Type,
-                              &description, &bare, &max_rows) ||
+                              &description, &bare, &max_rows, &template) ||
+            (template != Py_None && load_template(a, template) < 0) ||
             !(a->name = copy_bytes(name, &a->name_len, "a statement name")) ||
             !(a->formats = copy_bytes(formats, &a->formats_len, "result formats")) ||
             !(a->description = copy_bytes(description, &a->description_len, "a description"))) {

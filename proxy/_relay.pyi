@@ -11,8 +11,11 @@ GateTuple = tuple[list[int], list[int], list[int], float, bytes]
 BackTuple = tuple[int, int, int, ScanTuple, ScanTuple, float, bytes, bytes, bytes, GateTuple | None]
 """(id, why, side, client, server, last_activity, to_client, to_server, chunk, gate)"""
 
-GateSpec = tuple[tuple[tuple[bytes, bytes, bytes, bool, int], ...], tuple[float, ...]]
-"""((name, formats, description, bare, max_rows), ...), histogram bounds"""
+GateSpec = tuple[
+    tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
+    tuple[float, ...],
+]
+"""((name, formats, description, bare, max_rows, template), ...), histogram bounds"""
 
 BACK_RECALLED: int
 BACK_CHUNK: int

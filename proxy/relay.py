@@ -44,7 +44,10 @@ _relay: Final = native.load("proxy._relay")
 AVAILABLE: Final = _relay is not None
 """Whether unrestricted plaintext sessions are relayed in C (`topeng serve` logs it)."""
 
-GateSpec = tuple[tuple[tuple[bytes, bytes, bytes, bool, int], ...], tuple[float, ...]]
+GateSpec = tuple[
+    tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
+    tuple[float, ...],
+]
 """A gate for `Relay.add`: the approvals (`Approval.spec` of each) and the finite upper bounds
 of the duration histogram the thread fills."""
 

@@ -778,7 +778,7 @@ class Connection:
             if runs:
                 self._gate_runs += runs
                 session.gated(approval, runs, rows)
-                children.executed(approval.statement.decision, runs)
+                children.executed(approval.decision, runs)
         children.duration.merge(report.buckets, report.seconds)
 
     def _unrelay(self) -> None:

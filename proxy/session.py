@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from proxy.policy.decision import ALLOW, Allow, Decision, Mask, Refuse
+from proxy.policy.template import Template
 from proxy.wire import messages as m
 from proxy.wire.framing import (
     BACKEND_LIMITS,
@@ -279,21 +280,26 @@ class Statement:
 
 @dataclass(frozen=True, slots=True)
 class Approval:
-    """A prepared statement the relay thread may run on its own (proxy/relay.py, the gate):
-    Bind of the unnamed portal to `name` with these result formats (the tail of the Bind
-    body), Describe of the portal, Execute, Sync; and the reply must describe the rows as
-    `description` did (the whole message, byte for byte) and hold at most `max_rows` rows
-    (0: no limit)."""
+    """What the relay thread may run on its own (proxy/relay.py, the gate).
 
-    statement: Statement
+    A prepared statement (`template` None): Bind of the unnamed portal to `name` with these
+    result formats (the tail of the Bind body), Describe of the portal, Execute, Sync. A simple
+    query (`template`): one Query whose text fills the template's holes (see
+    proxy/policy/template.py). Either way the reply must describe the rows as `description`
+    did (the whole message, byte for byte) and hold at most `max_rows` rows (0: no limit);
+    `decision` is what the policy decided for them.
+    """
+
+    decision: Decision
     name: bytes
     formats: bytes
     description: bytes
     max_rows: int
+    template: Template | None = None
 
-    def spec(self) -> tuple[bytes, bytes, bytes, bool, int]:
-        """As the C module takes it: (name, formats, description, bare, max_rows)."""
-        return self.name, self.formats, self.description, False, self.max_rows
+    def spec(self) -> tuple[bytes, bytes, bytes, bool, int, Template | None]:
+        """As the C module takes it: (name, formats, description, bare, max_rows, template)."""
+        return self.name, self.formats, self.description, False, self.max_rows, self.template
 
 
 class GateMismatch(Exception):
@@ -562,6 +568,9 @@ class Session:
         self._held_client: list[bytes] = []
         self._queue: deque[Pending] = deque()
         self._statements: dict[str, Statement] = {}
+        # Simple queries whose rows passed unchanged, and their RowDescription messages: what
+        # the gate may approve as templates (gate_approvals).
+        self._simple_passed: dict[str, bytes] = {}
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
         # RowDescriptions by their exact bytes, each with the formats it names: a statement
@@ -780,6 +789,8 @@ class Session:
         """The approvals for the relay thread's gate, or None if the session cannot be handed
         over now (not between requests, or a policy with something to do per statement)."""
         policy, passes = self.policy, self._passes
+        if not self._statements and not self._simple_passed:
+            return None
         if (
             self.mode != "tracked"
             or self.phase is not Phase.READY
@@ -825,13 +836,44 @@ class Session:
             limit = policy.row_limit(stmt.decision)
             approvals.append(
                 Approval(
-                    statement=stmt,
+                    decision=stmt.decision,
                     name=stmt.name.encode(codec),
                     formats=struct.pack(
                         f"!h{len(result_formats)}h", len(result_formats), *result_formats
                     ),
                     description=raw,
                     max_rows=0 if limit is None else max(1, limit.rows),
+                )
+            )
+        template_of = getattr(policy, "query_template", None)
+        if template_of is None or codec != "utf-8":
+            return approvals
+        for sql, raw in self._simple_passed.items():
+            found = self._descriptions.get(raw[5:])
+            if found is None:
+                continue
+            # Judged again, now: the decision in force is the one the thread carries.
+            verdict = policy.judge_query(sql)
+            if not isinstance(verdict, tuple) or len(verdict) != 1:
+                continue
+            judged = Verdict.of(verdict)
+            decision = verdict[0]
+            if judged.refusal is not None or judged.masks:
+                continue
+            if not passes(decision, found[0], found[1]):
+                continue
+            template = template_of(sql)
+            if template is None:
+                continue
+            limit = policy.row_limit(decision)
+            approvals.append(
+                Approval(
+                    decision=decision,
+                    name=b"",
+                    formats=b"",
+                    description=raw,
+                    max_rows=0 if limit is None else max(1, limit.rows),
+                    template=template,
                 )
             )
         return approvals
@@ -854,11 +896,14 @@ class Session:
             raise GateMismatch("the session would not have forwarded the relayed request as is")
 
     def gated(self, approval: Approval, runs: int, rows: int) -> None:
-        """Statements the relay thread ran under `approval`: their rows, counted here."""
+        """Statements the relay thread ran under `approval`: counted here as if they had
+        come through this object."""
+        if approval.template is not None:
+            self._counters.queries += runs
         if rows:
             self._counters.rows += rows
             assert self.policy is not None
-            self.policy.rows_sent(approval.statement.decision, rows)
+            self.policy.rows_sent(approval.decision, rows)
 
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client
@@ -1455,6 +1500,12 @@ class Session:
         found = self._descriptions.get(data[described + 5 : rows])
         if found is None or not self._passing(decision, found[0], found[1], count):
             return pos
+        if count and head.record is not None and not head.allow_all:
+            # (the policy has just said these rows pass): the gate may approve the query
+            passed = self._simple_passed
+            if len(passed) >= 16 and head.record.sql not in passed:
+                passed.clear()
+            passed[head.record.sql] = data[described:rows]
         head.index += 1
         self._completed(head, decision, count, data, tag, ready)
         self._ready_at(data[ready + 5])

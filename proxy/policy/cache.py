@@ -95,6 +95,19 @@ class AnalysisCache:
         self._by_shape.clear()
         self._by_text.clear()
 
+    def shared_shape(self, sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> str | None:
+        """The normalized text under which `sql`'s facts are cached and shared with every text
+        of the same form, or None (not cached, or cached by its exact text only)."""
+        if (sql, catalog.fingerprint, search_path) in self._by_text:
+            return None
+        normalized = _normalize(sql)
+        if (
+            normalized is None
+            or (normalized, catalog.fingerprint, search_path) not in self._by_shape
+        ):
+            return None
+        return normalized
+
     def analyze(
         self, sql: str, catalog: Catalog, search_path: tuple[str, ...]
     ) -> tuple[StatementFacts, ...]:

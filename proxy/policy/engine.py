@@ -51,6 +51,7 @@ from proxy.policy.masks import (
     build_field_masker,
 )
 from proxy.policy.rules import Role, Rules
+from proxy.policy.template import Template, query_template
 from proxy.session import CopyRewriter, RowLimit, RowRewriter
 from proxy.wire import messages as m
 
@@ -592,6 +593,15 @@ class RestrictedPolicy:
         if self._current() is not None:
             return False
         return not self._rated and self.statement_timeout is None
+
+    def query_template(self, sql: str) -> Template | None:
+        """The template of a simple query whose facts the analysis cache shares by shape
+        (proxy/policy/template.py), for the gate; None if it has none."""
+        cache = self.cache
+        if cache is None:
+            return None
+        normalized = cache.shared_shape(sql, self.catalog, self.search_path)
+        return None if normalized is None else query_template(sql, normalized)
 
     def passes(
         self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]

@@ -32,7 +32,7 @@ from proxy.policy.cache import AnalysisCache
 from proxy.policy.engine import RestrictedPolicy
 from proxy.policy.limits import make_limiter
 from proxy.policy.rules import Rules, load_rules
-from proxy.session import Approval, Session
+from proxy.session import POISON_SQL, Approval, Session
 from proxy.wire import messages as m
 from proxy.wire.framing import FRONTEND_LIMITS, MessageReader
 
@@ -140,14 +140,26 @@ class ScriptedServer:
             elif kind == "E":
                 out.append(self._execute())
             elif kind == "Q":
-                out += [description(b"", ""), m.DataRow((b"7",)).encode()]
-                out += [m.CommandComplete("SELECT 1").encode(), m.ReadyForQuery("I").encode()]
+                out.append(self._query(m.query_sql(body, "utf-8")))
             elif kind == "C":
                 self.statements.pop(m.Close.decode(bytes(body)).name, None)
                 out.append(m.frame(b"3", b""))
             else:
                 raise AssertionError(f"the scripted server got {kind!r}")
         return b"".join(out)
+
+    @staticmethod
+    def _query(sql: str) -> bytes:
+        """A query's reply; `aid = N` gives N % 10 rows, `1/0` an error (as does the poison
+        Topeng sends in place of a refused query)."""
+        if "1/0" in sql or sql == POISON_SQL:
+            return m.error_response("22012", "division by zero") + m.ReadyForQuery("I").encode()
+        digits = sql.split("aid = ", 1)[1].split()[0].rstrip(";") if "aid = " in sql else "1"
+        rows = int(digits) % 10 if digits.isdigit() else 1
+        parts = [description(b"", sql)]
+        parts += [m.DataRow((str(i).encode(),)).encode() for i in range(rows)]
+        parts += [m.CommandComplete(f"SELECT {rows}").encode(), m.ReadyForQuery("I").encode()]
+        return b"".join(parts)
 
     def _execute(self) -> bytes:
         param = self.portal_param
@@ -335,8 +347,9 @@ def run(name: str, param: bytes, *, describe: bool = True, formats: tuple[int, .
     return b"".join(parts)
 
 
-def query(sql: str = "SELECT abalance FROM pgbench_accounts WHERE aid = 1") -> bytes:
-    return m.Query(sql).encode()
+def query(aid: int | str = 1, extra: str = "") -> bytes:
+    """The pgbench query; its reply holds aid % 10 rows."""
+    return m.Query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}{extra}").encode()
 
 
 def converse(tmp: Path, steps: list[bytes], *, gated: bool) -> tuple[list[bytes], Driver]:
@@ -382,7 +395,7 @@ def test_the_steady_state_runs_in_the_thread_and_counts_as_python_would(tmp_rule
         ("no Describe", run("s1", b"1", describe=False)),
         ("binary results", run("s1", b"1", formats=(1,))),
         ("two round trips in one chunk", run("s1", b"1") + run("s1", b"2")),
-        ("a simple query", query()),
+        ("a simple query", query(1)),
         ("a new statement", parse("s2")),
         ("a statement the thread was not given", run("nope", b"1")),
     ],
@@ -444,6 +457,89 @@ def test_a_replayed_request_that_would_not_go_as_it_came_is_refused(tmp_rules: P
         session.replay_request(run("s1", b"1", describe=False))
 
 
+def test_simple_queries_of_one_shape_run_in_the_thread(tmp_rules: Path) -> None:
+    steps = [query(10 * i + 1) for i in range(20)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    assert g.handovers == 1 and g.runs == 18, "after two in Python, the thread runs the rest"
+    assert g.session.counters.queries == p.session.counters.queries == 20
+    assert g.session.counters.rows == p.session.counters.rows == 20
+
+
+@pytest.mark.parametrize(
+    ("label", "request_"),
+    [
+        ("more rows than the role may see", query(16)),
+        ("an error", m.Query("SELECT abalance FROM pgbench_accounts WHERE aid = 1/0").encode()),
+        ("another shape", query(1, " AND bid = 2")),
+        ("a string where the integer was", query("'1'")),
+        ("a negative number", query(-1)),
+        ("two statements", m.Query("SELECT 1; SELECT 2").encode()),
+        ("a labelled column", m.Query("SELECT bid FROM pgbench_accounts WHERE aid = 1").encode()),
+    ],
+)
+def test_other_queries_come_back_to_python_first(
+    tmp_rules: Path, label: str, request_: bytes
+) -> None:
+    steps = [query(1), query(11), query(21), request_, query(31)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain, label
+    assert g.handovers >= 1
+    assert g.session.counters.queries == p.session.counters.queries
+    assert g.session.counters.rows == p.session.counters.rows
+
+
+BASE = "SELECT abalance FROM pgbench_accounts WHERE aid = {} AND 'k' <> {}"
+
+
+def thread_ran(tmp: Path, text: str) -> bool:
+    """Whether the thread ran `text` itself, after two queries of the template BASE."""
+    steps = [BASE.format(1, "'v'"), BASE.format(11, "'w'"), text]
+    _, g = converse(tmp, [m.Query(t).encode() for t in steps], gated=True)
+    assert g.handovers >= 1
+    return g.runs == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        BASE.format(21, "'x'"),
+        BASE.format("000021", "''"),
+        BASE.format(31, "'it''s -- /* $$ ; é'"),
+        BASE.format("1" * 32, "'x'"),
+    ],
+)
+def test_texts_that_fill_the_template_run_in_the_thread(tmp_rules: Path, text: str) -> None:
+    assert thread_ran(tmp_rules, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        BASE.format(21, "'x'") + " OR true",
+        BASE.format(21, "'x'") + ";",
+        BASE.format(" 21", "'x'"),
+        BASE.format("'21'", "'x'"),
+        BASE.format("21e1", "'x'"),
+        BASE.format("0x15", "'x'"),
+        BASE.format("2.1", "'x'"),
+        BASE.format("-21", "'x'"),
+        BASE.format("1" * 33, "'x'"),
+        BASE.format(21, "'x\\'"),
+        BASE.format(21, "E'x'"),
+        BASE.format(21, "'x' || 'y'"),
+        BASE.format(21, "'x'' <> 'y'"),
+        BASE.format(21, "$$x$$"),
+        BASE.format(21, "'x'\n'y'"),
+        BASE.format(21, "'x'") + " -- 'v'",
+    ],
+)
+def test_texts_that_do_not_fill_it_come_back(tmp_rules: Path, text: str) -> None:
+    assert not thread_ran(tmp_rules, text)
+
+
 STEP = st.sampled_from(
     [
         run("s1", b"1"),
@@ -457,7 +553,12 @@ STEP = st.sampled_from(
         run("s1", b"1", describe=False),
         run("s2", b"2"),
         run("s1", b"1") + run("s2", b"1"),
-        query(),
+        query(1),
+        query(3),
+        query(16),
+        query(1, " AND bid = 2"),
+        query("'7'"),
+        m.Query("SELECT abalance FROM pgbench_accounts WHERE aid = 1/0").encode(),
         m.Close("S", "s2").encode() + m.frame(b"S", b""),
         parse("s2"),
     ]
@@ -469,7 +570,7 @@ STEP = st.sampled_from(
 )
 @given(st.lists(STEP, min_size=1, max_size=12))
 def test_any_conversation_is_the_same_with_the_gate(tmp_rules: Path, steps: list[bytes]) -> None:
-    steps = [parse("s1"), parse("s2"), run("s1", b"1"), run("s2", b"1"), *steps]
+    steps = [parse("s1"), parse("s2"), run("s1", b"1"), run("s2", b"1"), query(1), *steps]
     gated, g = converse(tmp_rules, steps, gated=True)
     plain, p = converse(tmp_rules, steps, gated=False)
     assert gated == plain
