@@ -48,7 +48,7 @@ asan: $(STAMP)
 	PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fastmask.py tests/unit/test_masks.py \
-	    tests/unit/test_session_tracked.py tests/unit/test_relay.py
+	    tests/unit/test_session_tracked.py tests/unit/test_relay.py tests/unit/test_relay_gate.py
 
 # Long forms of the fuzz and soak suites (make test runs their quick forms).
 # TOPENG_FUZZ_SECONDS (default 300) is a wall-clock budget for all the fuzz tests together,

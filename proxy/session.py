@@ -276,6 +276,9 @@ class Statement:
     # The result formats of a Bind and the RowDescription message (bytes) of a whole reply
     # group that passed unchanged: what the gate may approve (Session.gate_approvals).
     passed: tuple[tuple[int, ...], bytes] | None = None
+    # The result formats of a Bind, Execute, Sync (no Describe: the statement's description
+    # stands for the portal's) whose rows passed unchanged.
+    passed_bare: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +286,8 @@ class Approval:
     """What the relay thread may run on its own (proxy/relay.py, the gate).
 
     A prepared statement (`template` None): Bind of the unnamed portal to `name` with these
-    result formats (the tail of the Bind body), Describe of the portal, Execute, Sync. A simple
+    result formats (the tail of the Bind body), Describe of the portal (if `description`; none
+    if `bare`), Execute, Sync. A simple
     query (`template`): one Query whose text fills the template's holes (see
     proxy/policy/template.py). Either way the reply must describe the rows as `description`
     did (the whole message, byte for byte) and hold at most `max_rows` rows (0: no limit);
@@ -296,10 +300,11 @@ class Approval:
     description: bytes
     max_rows: int
     template: Template | None = None
+    bare: bool = False  # Bind, Execute, Sync without Describe too (the reply has no description)
 
     def spec(self) -> tuple[bytes, bytes, bytes, bool, int, Template | None]:
         """As the C module takes it: (name, formats, description, bare, max_rows, template)."""
-        return self.name, self.formats, self.description, False, self.max_rows, self.template
+        return self.name, self.formats, self.description, self.bare, self.max_rows, self.template
 
 
 class GateMismatch(Exception):
@@ -816,35 +821,42 @@ class Session:
         codec = self.client_codec
         approvals: list[Approval] = []
         for stmt in self._statements.values():
-            passed = stmt.passed
             if (
-                passed is None
-                or not stmt.created
+                not stmt.created
                 or stmt.closing
                 or stmt.generation != generation
                 or isinstance(stmt.decision, Refuse)
             ):
                 continue
-            result_formats, raw = passed
-            found = self._descriptions.get(raw[5:])
-            if found is None:
-                continue
-            description = found[0]
-            portal = Portal("", stmt, result_formats)
-            if not passes(stmt.decision, description, self._formats(portal, description)):
-                continue
+            # result formats -> (the RowDescription message a Describe returns, or b""; bare)
+            runs: dict[tuple[int, ...], tuple[bytes, bool]] = {}
+            if stmt.passed is not None:
+                result_formats, raw = stmt.passed
+                found = self._descriptions.get(raw[5:])
+                if found is not None and self._passes_for(stmt, result_formats, found[0]):
+                    runs[result_formats] = (raw, False)
+            bare = stmt.passed_bare
+            if (
+                bare is not None
+                and stmt.described  # so Topeng adds no Describe of its own (_client_execute)
+                and stmt.description is not None
+                and self._passes_for(stmt, bare, stmt.description)
+            ):
+                runs[bare] = (runs.get(bare, (b"", True))[0], True)
             limit = policy.row_limit(stmt.decision)
-            approvals.append(
-                Approval(
-                    decision=stmt.decision,
-                    name=stmt.name.encode(codec),
-                    formats=struct.pack(
-                        f"!h{len(result_formats)}h", len(result_formats), *result_formats
-                    ),
-                    description=raw,
-                    max_rows=0 if limit is None else max(1, limit.rows),
+            for result_formats, (raw, bare_too) in runs.items():
+                approvals.append(
+                    Approval(
+                        decision=stmt.decision,
+                        name=stmt.name.encode(codec),
+                        formats=struct.pack(
+                            f"!h{len(result_formats)}h", len(result_formats), *result_formats
+                        ),
+                        description=raw,
+                        max_rows=0 if limit is None else max(1, limit.rows),
+                        bare=bare_too,
+                    )
                 )
-            )
         template_of = getattr(policy, "query_template", None)
         if template_of is None or codec != "utf-8":
             return approvals
@@ -877,6 +889,16 @@ class Session:
                 )
             )
         return approvals
+
+    def _passes_for(
+        self, stmt: Statement, result_formats: tuple[int, ...], description: m.RowDescription
+    ) -> bool:
+        """The policy knows a portal of `stmt` with these formats passes unchanged."""
+        passes = self._passes
+        portal = Portal("", stmt, result_formats)
+        return passes is not None and passes(
+            stmt.decision, description, self._formats(portal, description)
+        )
 
     def gate_scanners(self) -> tuple[MessageScanner, MessageScanner]:
         """Header scanners, between messages, for the relay thread to hold each stream to the
@@ -1561,6 +1583,8 @@ class Session:
             if count:  # (the policy has just said these rows pass)
                 portal.statement.passed = (portal.result_formats, data[described:rows])
             self._pop()  # RowDescription
+        elif count and portal.description is None:
+            portal.statement.passed_bare = portal.result_formats
         self._completed(execute, decision, count, data, tag, ready)
         self._pop()  # CommandComplete
         self._ready_at(data[ready + 5])

@@ -7,6 +7,7 @@ both workers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import signal
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 from harness import BANK_RULES, TopengProcess, free_port, needs_tool, wait_until
@@ -272,6 +274,45 @@ def test_restricted_prepared_statements_go_through_the_gate(
         proxy.stop()
     assert counted[False] == counted[True]
     assert counted[False][:4] == (40, 31, 10, 1), counted[False]
+
+
+def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTopeng) -> None:
+    """asyncpg describes a statement once and then sends Bind, Execute, Sync: those run in
+    the relay thread too, rows unmasked only where the policy saw them pass; counted alike.
+    (`fetch`: `fetchrow` executes with a row count, and a suspended portal is not gated.)"""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    proxy = start_topeng()
+    _, before = scrape(proxy)
+
+    async def traffic() -> None:
+        conn = await asyncpg.connect(proxy.dsn("spv_budi", DEMO_USERS["spv_budi"]))
+        try:
+            plain = await conn.prepare("SELECT id, full_name FROM bank.customers WHERE id = $1")
+            for i in range(1, 31):
+                rows = await plain.fetch(i)
+                assert [r["id"] for r in rows] == [i]
+            masked = await conn.prepare("SELECT id, nik FROM bank.customers WHERE id = $1")
+            for i in range(1, 6):
+                rows = await masked.fetch(i)
+                assert len(rows) == 1 and rows[0]["nik"].endswith("**********"), rows
+        finally:
+            await conn.close()
+
+    asyncio.run(traffic())
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="ok") == 1,
+        "the connection counted as ended ok",
+    )
+    _, after = scrape(proxy)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("topeng_relay_handovers_total") >= 1
+    assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 30
+    assert delta("topeng_queries_total", role="supervisor", decision="masked") >= 5
+    assert delta("topeng_rows_total", role="supervisor") == 35
 
 
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:

@@ -300,3 +300,30 @@ def test_cpu_per_transaction_lines_and_markdown() -> None:
     section = markdown(results, summarize(results), environment=[], chart_name=None)
     assert "CPU time of the proxy process" in section
     assert "| 50.0 | 100.0 | 2.00 |" in section
+
+
+def test_only_picks_workloads_by_key_words() -> None:
+    from bench.cli import selected
+
+    restricted = selected("-restricted")
+    assert [m.key for m in restricted] == [
+        m.key for m in MEASURES if m.user == "restricted" and m.script == "select-only"
+    ]
+    assert len(restricted) == 4
+    assert {m.key for m in selected("16c,stream-masked")} == {
+        "select-16c-simple-unrestricted",
+        "select-16c-prepared-unrestricted",
+        "select-16c-simple-restricted",
+        "select-16c-prepared-restricted",
+        "stream-masked",
+    }
+    assert selected(None) == MEASURES
+
+
+def test_only_with_no_match_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.cli import main
+
+    assert main(["--only", "nothing-like-this"]) == 2
+    assert "matches no workload" in capsys.readouterr().err

@@ -135,6 +135,14 @@ class ScriptedServer:
                 self.portal_sql = self.statements[bind.statement]
                 self.portal_param = (bind.params[0] or b"") if bind.params else b"1"
                 out.append(m.frame(b"2", b""))
+            elif kind == "D" and bytes(body[:1]) == b"S":
+                sql = self.statements.get(m.Describe.decode(bytes(body)).name)
+                if sql is None:
+                    self.failed = True
+                    out.append(m.error_response("26000", "prepared statement does not exist"))
+                    continue
+                out.append(m.frame(b"t", b"\x00\x01\x00\x00\x00\x17"))  # one int4
+                out.append(description(b"", sql))
             elif kind == "D":
                 out.append(description(self.portal_param, self.portal_sql))
             elif kind == "E":
@@ -194,6 +202,7 @@ class Driver:
     rows_gated: int = 0
     handovers: int = 0
     handbacks: int = 0
+    server_got: bytearray = field(default_factory=bytearray)  # all the server was sent
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS) + 1))
 
     def __post_init__(self) -> None:
@@ -301,7 +310,9 @@ class Driver:
             readable, _, _ = select.select(watch, [], [], 0.05)
             if self.server_app in readable:
                 try:
-                    _send(self.server_app, self.server.feed(self.server_app.recv(1 << 18)))
+                    received = self.server_app.recv(1 << 18)
+                    self.server_got += received
+                    _send(self.server_app, self.server.feed(received))
                 except BlockingIOError:
                     pass
             if self.client_app in readable:
@@ -347,18 +358,25 @@ def run(name: str, param: bytes, *, describe: bool = True, formats: tuple[int, .
     return b"".join(parts)
 
 
+def describe(name: str) -> bytes:
+    """Describe of a statement, as asyncpg sends it after Parse."""
+    return m.Describe("S", name).encode() + m.frame(b"S", b"")
+
+
 def query(aid: int | str = 1, extra: str = "") -> bytes:
     """The pgbench query; its reply holds aid % 10 rows."""
     return m.Query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}{extra}").encode()
 
 
 def converse(tmp: Path, steps: list[bytes], *, gated: bool) -> tuple[list[bytes], Driver]:
+    """The client's replies to each step; the last item is everything the server was sent (so
+    comparing two conversations' lists compares both directions)."""
     d = Driver(ready_session(policy(rules(tmp))), gated=gated)
     try:
         replies = [d.exchange(step) for step in steps]
     finally:
         d.close()
-    return replies, d
+    return [*replies, bytes(d.server_got)], d
 
 
 @pytest.fixture
@@ -382,6 +400,30 @@ def test_the_steady_state_runs_in_the_thread_and_counts_as_python_would(tmp_rule
     assert g.session.counters.rows == p.session.counters.rows == 20
     assert g.session.counters.bytes_in == p.session.counters.bytes_in
     assert g.session.counters.bytes_out == p.session.counters.bytes_out
+
+
+def test_runs_without_describe_of_a_described_statement_run_in_the_thread(
+    tmp_rules: Path,
+) -> None:
+    """asyncpg's way: Parse and Describe the statement once, then Bind, Execute, Sync."""
+    steps = [parse("s1"), describe("s1")] + [run("s1", b"1", describe=False) for _ in range(12)]
+    steps += [run("s1", b"2"), run("s1", b"3", describe=False), run("s1", b"err", describe=False)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    assert g.runs >= 10, "after two in Python, the thread ran them"
+    assert g.session.counters.rows == p.session.counters.rows == 17
+
+
+def test_runs_without_describe_of_an_undescribed_statement_stay_in_python(
+    tmp_rules: Path,
+) -> None:
+    """Topeng describes such a portal itself: the request does not go as it came."""
+    steps = [parse("s1")] + [run("s1", b"1", describe=False) for _ in range(6)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, _ = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    assert g.handovers == 0 and g.runs == 0
 
 
 @pytest.mark.parametrize(
@@ -415,9 +457,10 @@ def test_anything_else_comes_back_to_python_first(
 def test_the_row_limit_still_refuses(tmp_rules: Path) -> None:
     steps = [parse("s1"), run("s1", b"1"), run("s1", b"1"), run("s1", b"6")]
     replies, g = converse(tmp_rules, steps, gated=True)
-    assert b"54000" in replies[-1], "max_rows_per_query refused the six rows"
-    assert m.DataRow((b"4",)).encode() in replies[-1], "rows up to the limit went on"
-    assert m.DataRow((b"5",)).encode() not in replies[-1], "the sixth row never reached it"
+    last = replies[-2]
+    assert b"54000" in last, "max_rows_per_query refused the six rows"
+    assert m.DataRow((b"4",)).encode() in last, "rows up to the limit went on"
+    assert m.DataRow((b"5",)).encode() not in last, "the sixth row never reached it"
     assert g.handovers >= 1 and g.runs == 0, "the thread handed the six rows back"
 
 
@@ -551,6 +594,8 @@ STEP = st.sampled_from(
         run("s1", b"same"),
         run("s1", b"notice"),
         run("s1", b"1", describe=False),
+        run("s2", b"2", describe=False),
+        describe("s2"),
         run("s2", b"2"),
         run("s1", b"1") + run("s2", b"1"),
         query(1),
