@@ -24,12 +24,14 @@
  *
  * A restricted session may be handed over GATED (Relay.add with a gate): then the thread
  * forwards only what the Python policy approved in advance, and hands back everything else
- * before forwarding it. What it forwards on its own is the common prepared-statement round
+ * before forwarding it. What it forwards on its own is the common round
  * trip: a client chunk that is exactly Bind (unnamed portal, an approved statement, the
  * approved result formats), Describe of that portal (or none, if the approval allows it),
- * Execute (no row limit) and Sync, sent while nothing is in flight; and a server chunk that is
- * exactly its whole reply: BindComplete, the approved RowDescription byte for byte, no more
- * DataRows than the approval allows, a SELECT CommandComplete and ReadyForQuery 'I'. The policy approves a
+ * Execute and Sync, or one Query that fills an approved template, sent while nothing is in
+ * flight; and a server chunk that is exactly its whole reply: BindComplete (not for a Query),
+ * the approved RowDescription byte for byte (unless there was no Describe), no more DataRows
+ * than the approval allows, a SELECT CommandComplete (or PortalSuspended, when exactly the
+ * Execute's row count came) and ReadyForQuery 'I'. The policy approves a
  * statement only once it has seen that very RowDescription pass unmasked, so the rows of such
  * a reply need no masking. A request handed back while one is in flight (or a reply that is
  * not of that shape) comes back with the in-flight request, which the Python session replays
@@ -133,6 +135,7 @@ typedef struct {
     double sum;
     long inflight;     /* the approval whose request is in flight, -1: none */
     int described;
+    uint32_t execute_rows; /* the row count of its Execute; 0: all */
     double started;
     unsigned char *request; /* the in-flight request, as forwarded */
     size_t request_len, request_cap;
@@ -438,7 +441,8 @@ approved_query(const Gate *g, const unsigned char *body, size_t n)
  * of an approved statement, or one Query that fits an approved template. Sets *index and
  * *described; NEEDS_PYTHON for anything else. */
 static int
-gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *described)
+gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *described,
+             uint32_t *execute_rows)
 {
     size_t pos = 0, end;
     if (g->inflight >= 0)
@@ -450,6 +454,7 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
             return NEEDS_PYTHON;
         *index = found;
         *described = 1; /* a query's reply describes its rows */
+        *execute_rows = 0;
         return PLAIN;
     }
     if (first != 'B')
@@ -467,8 +472,9 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
         pos = end;
         t = whole_message(d, n, pos, &end);
     }
-    if (t != 'E' || end - pos != 10 || memcmp(d + pos + 5, "\0\0\0\0\0", 5) != 0)
-        return NEEDS_PYTHON; /* a named portal, or a row count (a suspended portal) */
+    if (t != 'E' || end - pos != 10 || d[pos + 5] != 0 || (d[pos + 6] & 0x80))
+        return NEEDS_PYTHON; /* a named portal, or a negative row count */
+    uint32_t rows = be32(d + pos + 6);
     pos = end;
     if (whole_message(d, n, pos, &end) != 'S' || end - pos != 5 || end != n)
         return NEEDS_PYTHON;
@@ -477,6 +483,7 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
         return NEEDS_PYTHON;
     *index = found;
     *described = desc;
+    *execute_rows = rows;
     return PLAIN;
 }
 
@@ -505,7 +512,12 @@ gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
         count++;
         pos = end;
     }
-    if (t != 'C' || end - pos < 5 + 7 || memcmp(d + pos + 5, "SELECT ", 7) != 0)
+    if (t == 's') {
+        /* PortalSuspended: the Execute's row count was reached, and only then. */
+        if (end - pos != 5 || !g->execute_rows || count != g->execute_rows)
+            return NEEDS_PYTHON;
+    } else if (t != 'C' || end - pos < 5 + 7 || memcmp(d + pos + 5, "SELECT ", 7) != 0 ||
+               (g->execute_rows && count > g->execute_rows))
         return NEEDS_PYTHON; /* an error, a notice, a split chunk, another command */
     pos = end;
     if (whole_message(d, n, pos, &end) != 'Z' || end - pos != 6 || d[pos + 5] != 'I' ||
@@ -674,10 +686,11 @@ on_readable(Relay *r, Session *s, int from)
     Gate *g = s->gate;
     long index = -1;
     int described = 0;
+    uint32_t execute_rows = 0;
     uint64_t rows = 0;
     int gated = PLAIN;
     if (g)
-        gated = from == CLIENT ? gate_request(g, r->buf, n, &index, &described)
+        gated = from == CLIENT ? gate_request(g, r->buf, n, &index, &described, &execute_rows)
                                : gate_reply(g, r->buf, n, &rows);
     if (gated != PLAIN || scan_chunk(&src->scan, r->buf, n, r->seen) != PLAIN) {
         s->chunk = malloc(n);
@@ -699,6 +712,7 @@ on_readable(Relay *r, Session *s, int from)
         }
         g->inflight = index;
         g->described = described;
+        g->execute_rows = execute_rows;
         g->started = s->last_activity;
     } else if (g) {
         Approval *a = &g->approvals[g->inflight];

@@ -371,11 +371,14 @@ def _whole_messages(data: bytes, longest: tuple[int, ...], most: int = 4) -> lis
     return starts
 
 
-def _reply_group(data: bytes, pos: int, longest: tuple[int, ...], opening: bytes) -> _Group | None:
+def _reply_group(
+    data: bytes, pos: int, longest: tuple[int, ...], opening: bytes, *, suspended: bool = False
+) -> _Group | None:
     """The common shape of the replies to one statement, read in place from `data` at `pos`:
-    one message of each type of `opening` in that order, DataRows, a CommandComplete and a
-    ReadyForQuery with a valid status, every one of them whole and of an acceptable length.
-    None for anything else (the general loop then reads it, and says what is wrong if it is)."""
+    one message of each type of `opening` in that order, DataRows, a CommandComplete (or, if
+    `suspended`, a PortalSuspended: an Execute with a row count) and a ReadyForQuery with a
+    valid status, every one of them whole and of an acceptable length. None for anything else
+    (the general loop then reads it, and says what is wrong if it is)."""
     size = len(data)
     unpack = TYPED_HEADER.unpack_from
     last = pos
@@ -399,7 +402,7 @@ def _reply_group(data: bytes, pos: int, longest: tuple[int, ...], opening: bytes
             break
         pos += 1 + length
         count += 1
-    if mtype != CMD_COMPLETE:
+    if mtype != CMD_COMPLETE and not (suspended and mtype == SUSPENDED):
         return None
     tag = pos
     ready = pos + 1 + length
@@ -1558,7 +1561,7 @@ class Session:
         ):
             return pos
         decision = portal.statement.decision
-        group = _reply_group(data, pos, self._server.longest, opening)
+        group = _reply_group(data, pos, self._server.longest, opening, suspended=True)
         if group is None:
             return pos
         described, rows, count, tag, ready, end = group

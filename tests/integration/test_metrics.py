@@ -278,8 +278,8 @@ def test_restricted_prepared_statements_go_through_the_gate(
 
 def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTopeng) -> None:
     """asyncpg describes a statement once and then sends Bind, Execute, Sync: those run in
-    the relay thread too, rows unmasked only where the policy saw them pass; counted alike.
-    (`fetch`: `fetchrow` executes with a row count, and a suspended portal is not gated.)"""
+    the relay thread too (`fetchrow` with a row count of 1, `fetch` without), rows unmasked
+    only where the policy saw them pass; counted alike."""
     if not relays.AVAILABLE:
         needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
     proxy = start_topeng()
@@ -290,6 +290,9 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
         try:
             plain = await conn.prepare("SELECT id, full_name FROM bank.customers WHERE id = $1")
             for i in range(1, 31):
+                row = await plain.fetchrow(i)
+                assert row is not None and row["id"] == i
+            for i in range(1, 11):
                 rows = await plain.fetch(i)
                 assert [r["id"] for r in rows] == [i]
             masked = await conn.prepare("SELECT id, nik FROM bank.customers WHERE id = $1")
@@ -310,9 +313,9 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("topeng_relay_handovers_total") >= 1
-    assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 30
+    assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 40
     assert delta("topeng_queries_total", role="supervisor", decision="masked") >= 5
-    assert delta("topeng_rows_total", role="supervisor") == 35
+    assert delta("topeng_rows_total", role="supervisor") == 45
 
 
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ class ScriptedServer:
             elif kind == "D":
                 out.append(description(self.portal_param, self.portal_sql))
             elif kind == "E":
-                out.append(self._execute())
+                out.append(self._execute(m.Execute.decode(bytes(body)).max_rows))
             elif kind == "Q":
                 out.append(self._query(m.query_sql(body, "utf-8")))
             elif kind == "C":
@@ -169,7 +169,9 @@ class ScriptedServer:
         parts += [m.CommandComplete(f"SELECT {rows}").encode(), m.ReadyForQuery("I").encode()]
         return b"".join(parts)
 
-    def _execute(self) -> bytes:
+    def _execute(self, max_rows: int) -> bytes:
+        """The portal's rows: all of them, or `max_rows` and PortalSuspended if there are
+        more (the portal is dropped at Sync, as in autocommit)."""
         param = self.portal_param
         if param == b"err":
             self.failed = True
@@ -179,8 +181,13 @@ class ScriptedServer:
             parts.append(m.frame(b"N", b"SNOTICE\0C00000\0Mhello\0\0"))
             param = b"1"
         rows = 1 if param in (b"alt", b"same") else int(param)
+        suspended = 0 < max_rows < rows
+        if suspended:
+            rows = max_rows
         parts += [m.DataRow((str(i).encode(),)).encode() for i in range(rows)]
-        parts.append(m.CommandComplete(f"SELECT {rows}").encode())
+        parts.append(
+            m.frame(b"s", b"") if suspended else m.CommandComplete(f"SELECT {rows}").encode()
+        )
         return b"".join(parts)
 
 
@@ -350,11 +357,18 @@ def parse(name: str, sql: str = SQL) -> bytes:
     return m.Parse(name, sql, ()).encode() + m.frame(b"S", b"")
 
 
-def run(name: str, param: bytes, *, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
+def run(
+    name: str,
+    param: bytes,
+    *,
+    describe: bool = True,
+    formats: tuple[int, ...] = (),
+    max_rows: int = 0,
+) -> bytes:
     parts = [m.Bind("", name, (), (param,), formats).encode()]
     if describe:
         parts.append(m.Describe("P", "").encode())
-    parts += [m.Execute("", 0).encode(), m.frame(b"S", b"")]
+    parts += [m.Execute("", max_rows).encode(), m.frame(b"S", b"")]
     return b"".join(parts)
 
 
@@ -413,6 +427,24 @@ def test_runs_without_describe_of_a_described_statement_run_in_the_thread(
     assert gated == plain
     assert g.runs >= 10, "after two in Python, the thread ran them"
     assert g.session.counters.rows == p.session.counters.rows == 17
+
+
+def test_runs_with_a_row_count_run_in_the_thread(tmp_rules: Path) -> None:
+    """asyncpg's fetchrow: Execute with a row count of 1; the reply ends in PortalSuspended
+    when there were more rows, in CommandComplete when there were not."""
+    one = run("s1", b"3", describe=False, max_rows=1)
+    steps = [parse("s1"), describe("s1")] + [one] * 10
+    steps += [
+        run("s1", b"1", describe=False, max_rows=1),
+        run("s1", b"0", describe=False, max_rows=1),
+    ]
+    steps += [run("s1", b"4", describe=False, max_rows=4), run("s1", b"2", max_rows=1)]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
+    assert gated == plain
+    assert b"s\x00\x00\x00\x04" in gated[2], "the portal was suspended"
+    assert g.runs >= 10
+    assert g.session.counters.rows == p.session.counters.rows == 10 + 1 + 0 + 4 + 1
 
 
 def test_runs_without_describe_of_an_undescribed_statement_stay_in_python(
@@ -595,6 +627,10 @@ STEP = st.sampled_from(
         run("s1", b"notice"),
         run("s1", b"1", describe=False),
         run("s2", b"2", describe=False),
+        run("s1", b"3", describe=False, max_rows=1),
+        run("s1", b"3", max_rows=2),
+        run("s1", b"2", describe=False, max_rows=2),
+        run("s1", b"6", max_rows=6),
         describe("s2"),
         run("s2", b"2"),
         run("s1", b"1") + run("s2", b"1"),
