@@ -110,6 +110,7 @@ class ScriptedServer:
     portal_param: bytes = b"1"
     portal_sql: str = SQL
     failed: bool = False  # an error in this batch: skip to Sync
+    status: str = "I"  # "T" between BEGIN and COMMIT
 
     def feed(self, data: bytes) -> bytes:
         self.reader.feed(data)
@@ -119,7 +120,7 @@ class ScriptedServer:
             kind = chr(mtype)
             if kind == "S":
                 self.failed = False
-                out.append(m.ReadyForQuery("I").encode())
+                out.append(m.ReadyForQuery(self.status).encode())
             elif self.failed:
                 continue
             elif kind == "P":
@@ -156,17 +157,21 @@ class ScriptedServer:
                 raise AssertionError(f"the scripted server got {kind!r}")
         return b"".join(out)
 
-    @staticmethod
-    def _query(sql: str) -> bytes:
+    def _query(self, sql: str) -> bytes:
         """A query's reply; `aid = N` gives N % 10 rows, `1/0` an error (as does the poison
-        Topeng sends in place of a refused query)."""
+        Topeng sends in place of a refused query); BEGIN and COMMIT open and close a
+        transaction block."""
+        if sql in ("BEGIN", "COMMIT"):
+            self.status = "T" if sql == "BEGIN" else "I"
+            return m.CommandComplete(sql).encode() + m.ReadyForQuery(self.status).encode()
         if "1/0" in sql or sql == POISON_SQL:
             return m.error_response("22012", "division by zero") + m.ReadyForQuery("I").encode()
         digits = sql.split("aid = ", 1)[1].split()[0].rstrip(";") if "aid = " in sql else "1"
         rows = int(digits) % 10 if digits.isdigit() else 1
         parts = [description(b"", sql)]
         parts += [m.DataRow((str(i).encode(),)).encode() for i in range(rows)]
-        parts += [m.CommandComplete(f"SELECT {rows}").encode(), m.ReadyForQuery("I").encode()]
+        parts += [m.CommandComplete(f"SELECT {rows}").encode()]
+        parts.append(m.ReadyForQuery(self.status).encode())
         return b"".join(parts)
 
     def _execute(self, max_rows: int) -> bytes:
@@ -447,6 +452,20 @@ def test_runs_with_a_row_count_run_in_the_thread(tmp_rules: Path) -> None:
     assert g.session.counters.rows == p.session.counters.rows == 10 + 1 + 0 + 4 + 1
 
 
+def test_statements_in_a_transaction_block_stay_in_python(tmp_rules: Path) -> None:
+    """No portal may outlive a round trip the thread ran (Python would not know it): inside
+    BEGIN ... COMMIT nothing is gated, and after COMMIT the thread takes over again."""
+    begin, commit = m.Query("BEGIN").encode(), m.Query("COMMIT").encode()
+    inside = [run("s1", b"1") for _ in range(6)] + [run("s1", b"3", max_rows=1)] + [query(1)] * 3
+    steps = [parse("s1"), run("s1", b"1"), run("s1", b"1"), begin, *inside, commit]
+    after = [run("s1", b"1") for _ in range(4)]
+    gated, g = converse(tmp_rules, [*steps, *after], gated=True)
+    plain, _ = converse(tmp_rules, [*steps, *after], gated=False)
+    assert gated == plain
+    assert m.ReadyForQuery("T").encode() in gated[len(steps) - 2]
+    assert g.runs == 4, "only the four runs after COMMIT"
+
+
 def test_runs_without_describe_of_an_undescribed_statement_stay_in_python(
     tmp_rules: Path,
 ) -> None:
@@ -641,6 +660,8 @@ STEP = st.sampled_from(
         query("'7'"),
         m.Query("SELECT abalance FROM pgbench_accounts WHERE aid = 1/0").encode(),
         m.Close("S", "s2").encode() + m.frame(b"S", b""),
+        m.Query("BEGIN").encode(),
+        m.Query("COMMIT").encode(),
         parse("s2"),
     ]
 )
