@@ -32,7 +32,14 @@ def events(path: Path, *, rotated: bool = False) -> list[dict[str, Any]]:
     if rotated:
         siblings = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
         paths = sorted(siblings, key=lambda p: -int(p.suffix[1:])) + paths
-    return [json.loads(line) for p in paths if p.exists() for line in p.read_text().splitlines()]
+    return [json.loads(line) for p in paths for line in _lines(p)]
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:  # absent, or rotated away between the listing and the read
+        return []
 
 
 def wait_for_event(
