@@ -10,6 +10,7 @@ import contextlib
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -306,6 +307,41 @@ def test_sigterm_lets_the_open_transaction_finish(start_topeng: StartTopeng, rul
         conn.commit()
         assert proxy.wait(timeout=10) == 0, proxy.stderr_text()
         assert time.monotonic() - signalled < 15
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+
+
+def test_sigterm_lets_a_gated_statement_finish(start_topeng: StartTopeng) -> None:
+    """A restricted session whose prepared statement the relay thread runs (the gate) is taken
+    back before Topeng asks whether it is idle: the statement in flight finishes and its rows
+    arrive, then the session is closed."""
+    from proxy import relay as relays
+    from proxy.sampledata import DEMO_USERS
+
+    if not relays.AVAILABLE:
+        pytest.skip("the C relay is not built: nothing is gated")
+    proxy = start_topeng("--shutdown-grace", "20s")
+    sql = "SELECT count(*) FROM generate_series(1, %s)"
+    with psycopg.connect(proxy.dsn("spv_budi", DEMO_USERS["spv_budi"]), autocommit=True) as conn:
+        # (all int4: psycopg prepares another statement for another parameter type)
+        for n in (40_001, 40_002, 40_003):  # the second leaves the approval, the third is gated
+            assert conn.execute(sql, (n,), prepare=True).fetchone() == (n,)
+        big = 30_000_000  # seconds of work for the server
+        result: list[object] = []
+
+        def long_run() -> None:  # in a thread: the test sends SIGTERM meanwhile
+            try:
+                result.append(conn.execute(sql, (big,), prepare=True).fetchone())
+            except psycopg.Error as exc:
+                result.append(exc)
+
+        worker = threading.Thread(target=long_run)
+        worker.start()
+        time.sleep(0.5)  # the statement is in flight, in the relay thread
+        proxy.send_signal(signal.SIGTERM)
+        worker.join(30)
+        assert result == [(big,)], result
+        assert proxy.wait(timeout=15) == 0, proxy.stderr_text()
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
 
