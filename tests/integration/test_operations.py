@@ -382,6 +382,24 @@ def test_idle_timeout(start_topeng: StartTopeng, rules: Path) -> None:
         assert _closed_after(idle, 0.5)  # idle since before the 2.5 s query
 
 
+def test_idle_timeout_spares_a_gated_statement_in_flight(start_topeng: StartTopeng) -> None:
+    """The client of a gated session waits quietly for a long statement the relay thread is
+    running: that is not idleness (the relay reports the request in flight)."""
+    from proxy import relay as relays
+    from proxy.sampledata import DEMO_USERS
+
+    if not relays.AVAILABLE:
+        pytest.skip("the C relay is not built: nothing is gated")
+    proxy = start_topeng("--idle-timeout", "1s")
+    sql = "SELECT count(*) FROM generate_series(1, %s)"
+    with psycopg.connect(proxy.dsn("spv_budi", DEMO_USERS["spv_budi"]), autocommit=True) as conn:
+        for n in (40_001, 40_002, 40_003):  # int4 all, so one prepared statement; gated
+            assert conn.execute(sql, (n,), prepare=True).fetchone() == (n,)
+        big = 30_000_000  # longer than the idle timeout
+        assert conn.execute(sql, (big,), prepare=True).fetchone() == (big,)
+        assert _closed_after(conn, 2.5)  # and idle for real afterwards
+
+
 def test_idle_timeout_after_extended_copy_in(start_topeng: StartTopeng, rules: Path) -> None:
     """libpq's Sync before the COPY data is ignored by the server: no reply is owed for it."""
     proxy = start_topeng("--idle-timeout", "1s", rules=rules)
