@@ -579,6 +579,7 @@ class Session:
         # Simple queries whose rows passed unchanged, and their RowDescription messages: what
         # the gate may approve as templates (gate_approvals).
         self._simple_passed: dict[str, bytes] = {}
+        self._ungateable_at = -1  # the policy generation whose rules allow no gate
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
         # RowDescriptions by their exact bytes, each with the formats it names: a statement
@@ -799,6 +800,8 @@ class Session:
         policy, passes = self.policy, self._passes
         if not self._statements and not self._simple_passed:
             return None
+        if policy is not None and policy.generation == self._ungateable_at:
+            return None  # judged so under these rules: no look per chunk (rated roles)
         if (
             self.mode != "tracked"
             or self.phase is not Phase.READY
@@ -819,6 +822,7 @@ class Session:
             return None
         gateable = getattr(policy, "gateable", None)
         if gateable is None or not gateable():
+            self._ungateable_at = policy.generation  # (a reload moves it on: asked again)
             return None
         generation = policy.generation
         codec = self.client_codec

@@ -8,6 +8,7 @@ both workers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import shutil
 import signal
@@ -83,6 +84,11 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def moved(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    """How far a sample moved between two scrapes."""
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
 def connect(proxy: TopengProcess, user: str) -> psycopg.Connection[tuple[object, ...]]:
     return psycopg.connect(proxy.dsn(user, DEMO_USERS[user]), autocommit=True)
 
@@ -128,8 +134,7 @@ def test_traffic_moves_each_metric(start_topeng: StartTopeng) -> None:
     )
     _, after = scrape(proxy)
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    delta = functools.partial(moved, after, before)
 
     assert value(after, "topeng_client_connections") == 0
     assert value(after, "topeng_sessions") == 0
@@ -179,10 +184,7 @@ def test_unrestricted_sessions_go_through_the_c_relay(start_topeng: StartTopeng)
         )
         _, after = scrape(proxy)
 
-        def delta(
-            name: str, after: Samples = after, before: Samples = before, **labels: str
-        ) -> float:
-            return value(after, name, **labels) - value(before, name, **labels)
+        delta = functools.partial(moved, after, before)
 
         handovers = delta("topeng_relay_handovers_total")
         chunk_backs = delta("topeng_relay_handbacks_total", reason="chunk")
@@ -254,10 +256,7 @@ def test_restricted_prepared_statements_go_through_the_gate(
             "the connection counted as ended ok",
         )
 
-        def delta(
-            name: str, after: Samples = during, before: Samples = before, **labels: str
-        ) -> float:
-            return value(after, name, **labels) - value(before, name, **labels)
+        delta = functools.partial(moved, during, before)
 
         handovers = delta("topeng_relay_handovers_total")
         if pure:
@@ -309,8 +308,7 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
     )
     _, after = scrape(proxy)
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    delta = functools.partial(moved, after, before)
 
     assert delta("topeng_relay_handovers_total") >= 1
     assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 40

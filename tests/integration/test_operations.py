@@ -346,6 +346,55 @@ def test_sigterm_lets_a_gated_statement_finish(start_topeng: StartTopeng) -> Non
             conn.execute("SELECT 1")
 
 
+def test_a_gated_statement_whose_server_dies_ends_only_its_session(
+    start_topeng: StartTopeng,
+) -> None:
+    """The server backend of a gated statement in flight is terminated: the thread hands the
+    session back, its client gets the server's error and the session ends; another session
+    of the same role goes on."""
+    from proxy import relay as relays
+    from proxy.sampledata import DEMO_USERS
+
+    if not relays.AVAILABLE:
+        pytest.skip("the C relay is not built: nothing is gated")
+    proxy = start_topeng()
+    dsn = proxy.dsn("spv_budi", DEMO_USERS["spv_budi"])
+    sql = "SELECT count(*) FROM generate_series(1, %s) /* topeng-gated-kill */"
+    with (
+        psycopg.connect(dsn, autocommit=True) as victim,
+        psycopg.connect(dsn, autocommit=True) as neighbour,
+    ):
+        for n in (40_001, 40_002, 40_003):  # gated from the third on (all int4)
+            assert victim.execute(sql, (n,), prepare=True).fetchone() == (n,)
+        result: list[object] = []
+
+        def long_run() -> None:
+            try:
+                result.append(victim.execute(sql, (300_000_000,), prepare=True).fetchone())
+            except psycopg.Error as exc:
+                result.append(exc)
+
+        worker = threading.Thread(target=long_run)
+        worker.start()
+        with psycopg.connect(proxy.pg.superuser_dsn, autocommit=True) as admin:
+            deadline = time.monotonic() + 15
+            killed = 0
+            while not killed:
+                assert time.monotonic() < deadline, "the statement never started"
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE state = 'active' AND query LIKE '%topeng-gated-kill%'"
+                    " AND pid <> pg_backend_pid()"
+                ).fetchone()[0]  # type: ignore[index]
+                time.sleep(0.1)
+        worker.join(30)
+        assert len(result) == 1 and isinstance(result[0], psycopg.OperationalError), result
+        assert neighbour.execute(sql, (7,), prepare=True).fetchone() == (7,)
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+    assert proxy.returncode is None
+
+
 def test_sigint_exits_promptly(start_topeng: StartTopeng, rules: Path) -> None:
     proxy = start_topeng("--shutdown-grace", "60s", rules=rules)
     with psycopg.connect(proxy.dsn("alice", ALICE)) as conn:

@@ -20,6 +20,7 @@ import pytest
 from harness import needs_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wirekit import send_all
 
 from proxy import relay as relays
 from proxy.session import DDL_TAGS
@@ -131,14 +132,14 @@ class Driver:
                 scan.last_status = body[0] if body else ord("I")
             elif mtype == CMD_COMPLETE and body.startswith(DDL_TAGS):
                 scan.tag_seen = True
-        self._send(dest, chunk)
+        send_all(dest, chunk)
 
     def _resume(self, back: relays.Handback) -> None:
         """What Connection._relay_back does: pending bytes first, then the chunk through the
         Python fast path, then hand over again."""
         self.handbacks.append(back)
-        self._send(self.client_end, back.to_client)
-        self._send(self.server_end, back.to_server)
+        send_all(self.client_end, back.to_client)
+        send_all(self.server_end, back.to_server)
         if back.chunk:
             if back.side == relays.CLIENT:
                 self._feed(self.client_scan, self.server_end, back.chunk)
@@ -192,15 +193,6 @@ class Driver:
         back.client.apply(self.client_scan)
         back.server.apply(self.server_scan)
         self._resume(back)
-
-    @staticmethod
-    def _send(sock: socket.socket, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                select.select([], [sock], [], 1.0)
 
     def stream(self, data: bytes, chunks: list[int], *, from_server: bool = True) -> bytes:
         """Sends `data` in pieces of the given sizes from one app end; returns what reached

@@ -25,6 +25,7 @@ import pytest
 from harness import needs_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wirekit import send_all
 
 from bench.tracked import ACCOUNTS_OID, pgbench_catalog, ready_session
 from proxy import relay as relays
@@ -215,6 +216,7 @@ class Driver:
     handovers: int = 0
     handbacks: int = 0
     server_got: bytearray = field(default_factory=bytearray)  # all the server was sent
+    last_back: relays.Handback | None = None
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS) + 1))
 
     def __post_init__(self) -> None:
@@ -252,11 +254,12 @@ class Driver:
 
     def _back(self, item: _relay.BackTuple) -> None:
         back = relays._handback(item)[1]
+        self.last_back = back
         self.rid = None
         self.handbacks += 1
         self._absorb(back)
-        _send(self.client_end, back.to_client)
-        _send(self.server_end, back.to_server)
+        send_all(self.client_end, back.to_client)
+        send_all(self.server_end, back.to_server)
         assert back.gate is not None
         if back.gate.request:
             self.session.replay_request(back.gate.request)
@@ -280,12 +283,12 @@ class Driver:
             self.buckets[i] += n
 
     def _from_client(self, data: bytes) -> None:
-        _send(self.server_end, self.session.from_client(data))
-        _send(self.client_end, self.session.take_to_client())
+        send_all(self.server_end, self.session.from_client(data))
+        send_all(self.client_end, self.session.take_to_client())
 
     def _from_server(self, data: bytes) -> None:
-        _send(self.client_end, self.session.from_server(data))
-        _send(self.server_end, self.session.take_to_server())
+        send_all(self.client_end, self.session.from_server(data))
+        send_all(self.server_end, self.session.take_to_server())
         self.session.records.clear()
         self._try_gate()
 
@@ -311,7 +314,7 @@ class Driver:
         """The client sends `request`; the scripted server answers each chunk it receives;
         returns what reached the client once it has a ReadyForQuery for each Sync/Query."""
         expected = sum(1 for t, _ in _types(request) if t in "SQ")
-        _send(self.client_app, request)
+        send_all(self.client_app, request)
         got = bytearray()
         deadline = time.monotonic() + 20
         while sum(1 for t, _ in _types(bytes(got)) if t == "Z") < expected:
@@ -324,7 +327,7 @@ class Driver:
                 try:
                     received = self.server_app.recv(1 << 18)
                     self.server_got += received
-                    _send(self.server_app, self.server.feed(received))
+                    send_all(self.server_app, self.server.feed(received))
                 except BlockingIOError:
                     pass
             if self.client_app in readable:
@@ -344,15 +347,6 @@ def _types(data: bytes) -> list[tuple[str, int]]:
         out.append((chr(data[pos]), length))
         pos += 1 + length
     return out
-
-
-def _send(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            select.select([], [sock], [], 1.0)
 
 
 # ------------------------------------------------------------------ requests
@@ -513,6 +507,64 @@ def test_the_row_limit_still_refuses(tmp_rules: Path) -> None:
     assert m.DataRow((b"4",)).encode() in last, "rows up to the limit went on"
     assert m.DataRow((b"5",)).encode() not in last, "the sixth row never reached it"
     assert g.handovers >= 1 and g.runs == 0, "the thread handed the six rows back"
+
+
+def test_a_message_past_the_limits_comes_back_unforwarded_and_is_refused(
+    tmp_rules: Path,
+) -> None:
+    """A gated client that lies about a length: the thread forwards nothing of it, and the
+    session refuses it as it would have (the connection then ends, with FATAL 08P01)."""
+    from proxy.wire.framing import ProtocolViolation
+
+    d = Driver(ready_session(policy(rules(tmp_rules))), gated=True)
+    try:
+        for step in (parse("s1"), run("s1", b"1"), run("s1", b"1")):
+            d.exchange(step)
+        assert d.rid is not None, "gated"
+        sent_before = len(d.server_got)
+        send_all(d.client_app, b"B" + (1 << 30).to_bytes(4, "big") + b"\0" * 16)
+        with pytest.raises(ProtocolViolation):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                d.service()
+                select.select([d.relay.fileno()], [], [], 0.05)  # type: ignore[attr-defined]
+        assert d.handbacks == 1
+        time.sleep(0.1)
+        assert not _readable(d.server_app) and len(d.server_got) == sent_before
+    finally:
+        d.close()
+
+
+def test_a_server_gone_mid_statement_comes_back_with_the_request(tmp_rules: Path) -> None:
+    """The server closes while a gated request is in flight: the session comes back with that
+    request, and after the replay it knows a statement was running (so Topeng tells the client
+    the connection to the server was lost, and does not call the session idle)."""
+    d = Driver(ready_session(policy(rules(tmp_rules))), gated=True)
+    try:
+        for step in (parse("s1"), run("s1", b"1"), run("s1", b"1")):
+            d.exchange(step)
+        assert d.rid is not None
+        send_all(d.client_app, run("s1", b"1"))
+        deadline = time.monotonic() + 10
+        while not _readable(d.server_app):
+            assert time.monotonic() < deadline
+        d.server_app.recv(1 << 16)  # the request reached the server, which now goes away
+        d.server_app.close()
+        while d.rid is not None:
+            assert time.monotonic() < deadline
+            d.service()
+            select.select([d.relay.fileno()], [], [], 0.05)  # type: ignore[attr-defined]
+        assert d.handbacks == 1
+        assert d.last_back is not None and d.last_back.why == relays.CLOSED
+        assert d.last_back.gate is not None and d.last_back.gate.request == run("s1", b"1")
+        assert not d.session.idle, "the replayed statement is still owed its reply"
+    finally:
+        d.server_app = socket.socket()  # (closed above; close() closes it again)
+        d.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0.05)[0])
 
 
 def test_a_masked_statement_is_never_approved(tmp_rules: Path) -> None:

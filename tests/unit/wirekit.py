@@ -9,6 +9,8 @@ test runs under every chunking and must give the same output.
 from __future__ import annotations
 
 import random
+import select
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -509,3 +511,13 @@ def _cut_keep_empty(data: bytes, cuts: list[int]) -> list[bytes]:
         out.append(data[prev:c])
         prev = c
     return out
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """All of `data` on a non-blocking socket, waiting while its buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            select.select([], [sock], [], 1.0)
