@@ -38,6 +38,13 @@
  * (and checks) before it reads the chunk. Each round trip is counted per approval, with its
  * rows and its duration in a histogram, for the metrics.
  *
+ * A gate may carry a BUDGET: statements and rows the policy charged to the user's rate limits
+ * ahead (proxy/policy/engine.py, reserve_gate), and a deadline (the end of the rate window they
+ * were charged to). The thread forwards a request only while at least one statement and one
+ * row are left and the deadline has not passed, and a reply only if its rows fit in what is
+ * left and the deadline has not passed; the rest comes back, so the policy judges it against
+ * the limiter itself, once the unused budget is given back.
+ *
  * Locking: one mutex guards every session; the thread holds it while it handles a batch of
  * epoll events, the event loop while it calls in. The thread never touches Python objects.
  */
@@ -139,6 +146,9 @@ typedef struct {
     double started;
     unsigned char *request; /* the in-flight request, as forwarded */
     size_t request_len, request_cap;
+    int64_t queries_left; /* statements the budget still holds; -1: no limit */
+    int64_t rows_left;    /* rows it still holds; -1: no limit */
+    double deadline;      /* CLOCK_MONOTONIC seconds the budget lasts until; 0: for ever */
 } Gate;
 
 typedef struct Session {
@@ -437,6 +447,16 @@ approved_query(const Gate *g, const unsigned char *body, size_t n)
     return -1;
 }
 
+/* Whether the budget lets another statement go: one statement and one row are left (a
+ * statement that reads rows is refused when none is left), and the deadline has not passed. */
+static int
+gate_budget_open(const Gate *g)
+{
+    if (g->queries_left == 0 || g->rows_left == 0)
+        return 0;
+    return g->deadline == 0 || now_monotonic() < g->deadline;
+}
+
 /* A client chunk the gate forwards, with nothing in flight: Bind, [Describe], Execute, Sync
  * of an approved statement, or one Query that fits an approved template. Sets *index and
  * *described; NEEDS_PYTHON for anything else. */
@@ -445,7 +465,7 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
              uint32_t *execute_rows)
 {
     size_t pos = 0, end;
-    if (g->inflight >= 0)
+    if (g->inflight >= 0 || !gate_budget_open(g))
         return NEEDS_PYTHON;
     int first = whole_message(d, n, pos, &end);
     if (first == 'Q' && end == n) {
@@ -525,6 +545,10 @@ gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
         return NEEDS_PYTHON;
     if (a->max_rows && count > a->max_rows)
         return NEEDS_PYTHON; /* the row limit's refusal is the policy's to make */
+    if (g->rows_left >= 0 && count > (uint64_t)g->rows_left)
+        return NEEDS_PYTHON; /* more rows than the budget holds: the rate limit's to judge */
+    if (g->deadline != 0 && now_monotonic() >= g->deadline)
+        return NEEDS_PYTHON; /* the window the budget was charged to is over */
     *rows = count;
     return PLAIN;
 }
@@ -711,6 +735,8 @@ on_readable(Relay *r, Session *s, int from)
             return;
         }
         g->inflight = index;
+        if (g->queries_left > 0)
+            g->queries_left--;
         g->described = described;
         g->execute_rows = execute_rows;
         g->started = s->last_activity;
@@ -718,6 +744,8 @@ on_readable(Relay *r, Session *s, int from)
         Approval *a = &g->approvals[g->inflight];
         a->runs++;
         a->rows += rows;
+        if (g->rows_left > 0)
+            g->rows_left -= (int64_t)rows;
         gate_observe(g, now_monotonic() - g->started);
         g->inflight = -1;
         g->request_len = 0;
@@ -1105,22 +1133,32 @@ load_template(Approval *a, PyObject *template)
     return 0;
 }
 
-/* gate: (approvals, bounds); approvals: ((name, formats, description, bare, max_rows,
- * template), ...) with template None for a prepared statement; bounds: the duration
- * histogram's finite upper bounds, ascending. */
+/* gate: (approvals, bounds[, budget]); approvals: ((name, formats, description, bare,
+ * max_rows, template), ...) with template None for a prepared statement; bounds: the duration
+ * histogram's finite upper bounds, ascending; budget: (statements, rows, seconds), -1 for no
+ * limit, seconds <= 0 for no deadline. */
 static Gate *
 load_gate(PyObject *spec)
 {
     PyObject *approvals, *bounds;
-    if (!PyArg_ParseTuple(spec, "O!O!;relay gate", &PyTuple_Type, &approvals, &PyTuple_Type,
-                          &bounds))
+    long long queries = -1, rows = -1;
+    double seconds = 0.0;
+    if (!PyArg_ParseTuple(spec, "O!O!|(LLd);relay gate", &PyTuple_Type, &approvals,
+                          &PyTuple_Type, &bounds, &queries, &rows, &seconds))
         return NULL;
+    if (queries < -1 || rows < -1) {
+        PyErr_SetString(PyExc_ValueError, "gate: a budget is a count, or -1 for no limit");
+        return NULL;
+    }
     Gate *g = calloc(1, sizeof *g);
     if (!g) {
         PyErr_NoMemory();
         return NULL;
     }
     g->inflight = -1;
+    g->queries_left = queries;
+    g->rows_left = rows;
+    g->deadline = seconds > 0 ? now_monotonic() + seconds : 0;
     g->napprovals = (size_t)PyTuple_GET_SIZE(approvals);
     g->nbounds = (size_t)PyTuple_GET_SIZE(bounds);
     g->approvals = calloc(g->napprovals ? g->napprovals : 1, sizeof *g->approvals);

@@ -14,8 +14,9 @@ BackTuple = tuple[int, int, int, ScanTuple, ScanTuple, float, bytes, bytes, byte
 GateSpec = tuple[
     tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
     tuple[float, ...],
+    tuple[int, int, float],
 ]
-"""((name, formats, description, bare, max_rows, template), ...), histogram bounds"""
+"""((name, formats, description, bare, max_rows, template), ...), histogram bounds[, budget]"""
 
 BACK_RECALLED: int
 BACK_CHUNK: int

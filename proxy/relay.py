@@ -47,9 +47,11 @@ AVAILABLE: Final = _relay is not None
 GateSpec = tuple[
     tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
     tuple[float, ...],
+    tuple[int, int, float],
 ]
-"""A gate for `Relay.add`: the approvals (`Approval.spec` of each) and the finite upper bounds
-of the duration histogram the thread fills."""
+"""A gate for `Relay.add`: the approvals (`Approval.spec` of each), the finite upper bounds
+of the duration histogram the thread fills and, for a rate-limited role, the budget the policy
+charged ahead (`GateBudget.spec`: statements, rows, seconds; -1 for no limit)."""
 
 # Why a session came back (the BACK_* codes of _relay.c), and their metric labels.
 RECALLED, CHUNK, CLOSED, WRITE_ERROR = 0, 1, 2, 3

@@ -74,6 +74,7 @@ log = logging.getLogger("topeng")
 
 PROTOCOL_VIOLATION = "08P01"
 INTERNAL_ERROR = "XX000"
+GATE_BUDGET_SKIP = 16  # replies before a session with no rate budget to hold asks again
 CONNECTION_FAILURE = "08006"
 TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
@@ -691,10 +692,22 @@ class Connection:
         if not children.duration.bounds:
             return  # the duration histogram could not take the thread's counts
         bounds = tuple(children.duration.bounds[:-1])  # (the last is +Inf)
-        spec = (tuple(a.spec() for a in approvals), bounds)
+        budget = session.gate_budget(self._reclaim_gate)
+        if budget is None:
+            # Too little of the user's rate budget left to hold a share ahead (or its window
+            # is ending): judged here one by one for a while.
+            self._gate_skip = GATE_BUDGET_SKIP
+            return
+        spec = (tuple(a.spec() for a in approvals), bounds, budget.spec())
         if self._hand_over(session.gate_scanners(), spec):
             self._gated = approvals
             self._gate_runs = 0
+        else:
+            session.gate_ended()
+
+    def _reclaim_gate(self) -> None:
+        """Another session of the user needs the rate budget this gated one holds."""
+        self.ungate()
 
     def ungate(self) -> None:
         """Takes a gated session back from the relay thread (the rules were reloaded: its
@@ -714,6 +727,10 @@ class Connection:
         gated = self._gated
         self._absorb(back)
         self._gated = None
+        if gated is not None:
+            assert self.session is not None
+            in_flight = back.gate is not None and bool(back.gate.request)
+            self.session.gate_ended(in_flight)  # before anything is judged again
         client, upstream = self.client, self.upstream
         assert upstream is not None
         for pipe in (client, upstream):

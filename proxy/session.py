@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from proxy.policy.decision import ALLOW, Allow, Decision, Mask, Refuse
 from proxy.policy.template import Template
@@ -261,6 +261,45 @@ class StatementPolicy(Protocol):
         ...
 
 
+@runtime_checkable
+class GatePolicy(StatementPolicy, Protocol):
+    """A policy whose approved statements the relay thread may run on its own (the gate;
+    RestrictedPolicy)."""
+
+    def gateable(self) -> bool:
+        """Whether the role has nothing the thread cannot do per statement (rules followed)."""
+        ...
+
+    def passes(
+        self, decision: Decision, description: m.RowDescription, formats: tuple[int, ...]
+    ) -> bool:
+        """Whether these rows are known to pass unchanged under the rules in force."""
+        ...
+
+    def approve_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
+        """`judge_query` without charging the statement to a rate: it is not run here."""
+        ...
+
+    def query_template(self, sql: str) -> Template | None:
+        """The template of a simple query, or None."""
+        ...
+
+    def reserve_gate(self, release: Callable[[], None]) -> GateBudget | None:
+        """The rate budget to hand over with the session, charged ahead; None: not now."""
+        ...
+
+    def gate_ran(self, decision: Decision, runs: int, rows: int) -> None:
+        """Statements the thread ran and the rows they sent."""
+        ...
+
+    def end_gate(self, in_flight: bool = False) -> None:
+        """The session is back: the unused budget is given back."""
+        ...
+
+    replaying: bool
+    """A request the thread forwarded is being replayed: judged as it was then."""
+
+
 @dataclass(slots=True)
 class Statement:
     """A prepared statement as Topeng knows it."""
@@ -305,6 +344,23 @@ class Approval:
     def spec(self) -> tuple[bytes, bytes, bytes, bool, int, Template | None]:
         """As the C module takes it: (name, formats, description, bare, max_rows, template)."""
         return self.name, self.formats, self.description, self.bare, self.max_rows, self.template
+
+
+@dataclass(frozen=True, slots=True)
+class GateBudget:
+    """What the relay thread may spend of the user's rate limits on a gated session's
+    statements: statements and rows (-1: no limit), for `seconds` (0: no end). The policy
+    charged them ahead (RestrictedPolicy.reserve_gate)."""
+
+    queries: int
+    rows: int
+    seconds: float
+
+    def spec(self) -> tuple[int, int, float]:
+        return self.queries, self.rows, self.seconds
+
+
+UNLIMITED_GATE: Final = GateBudget(-1, -1, 0.0)
 
 
 class GateMismatch(Exception):
@@ -820,8 +876,7 @@ class Session:
             or self._server.pending()
         ):
             return None
-        gateable = getattr(policy, "gateable", None)
-        if gateable is None or not gateable():
+        if not isinstance(policy, GatePolicy) or not policy.gateable():
             self._ungateable_at = policy.generation  # (a reload moves it on: asked again)
             return None
         generation = policy.generation
@@ -864,15 +919,15 @@ class Session:
                         bare=bare_too,
                     )
                 )
-        template_of = getattr(policy, "query_template", None)
-        if template_of is None or codec != "utf-8":
+        if codec != "utf-8":
             return approvals
         for sql, raw in self._simple_passed.items():
             found = self._descriptions.get(raw[5:])
             if found is None:
                 continue
-            # Judged again, now: the decision in force is the one the thread carries.
-            verdict = policy.judge_query(sql)
+            # Judged again, now (and charged to no rate: it is not run here): the decision
+            # in force is the one the thread carries.
+            verdict = policy.approve_query(sql)
             if not isinstance(verdict, tuple) or len(verdict) != 1:
                 continue
             judged = Verdict.of(verdict)
@@ -881,7 +936,7 @@ class Session:
                 continue
             if not passes(decision, found[0], found[1]):
                 continue
-            template = template_of(sql)
+            template = policy.query_template(sql)
             if template is None:
                 continue
             limit = policy.row_limit(decision)
@@ -918,8 +973,14 @@ class Session:
     def replay_request(self, request: bytes) -> None:
         """A request the relay thread forwarded before it handed the session back: taken in
         as if it came now. GateMismatch if the session would not have forwarded it as it
-        was (then it must end)."""
-        out = self.from_client(request)
+        was (then it must end). It is judged as it was when the thread forwarded it: by the
+        rules and the rate budget of then (see RestrictedPolicy.replaying)."""
+        policy = self._gate_policy()
+        policy.replaying = True
+        try:
+            out = self.from_client(request)
+        finally:
+            policy.replaying = False
         self._counters.bytes_in -= len(request)  # counted by the relay already
         if out != request or self._to_client:
             raise GateMismatch("the session would not have forwarded the relayed request as is")
@@ -931,8 +992,24 @@ class Session:
             self._counters.queries += runs
         if rows:
             self._counters.rows += rows
-            assert self.policy is not None
-            self.policy.rows_sent(approval.decision, rows)
+        self._gate_policy().gate_ran(approval.decision, runs, rows)
+
+    def gate_budget(self, release: Callable[[], None]) -> GateBudget | None:
+        """The rate budget the relay thread may spend on this session once handed over
+        (charged ahead now; see RestrictedPolicy.reserve_gate); None: not now. `release`
+        takes the session back for another session of the user that needs the budget."""
+        return self._gate_policy().reserve_gate(release)
+
+    def gate_ended(self, in_flight: bool = False) -> None:
+        """Back from the relay thread (or never handed over after `gate_budget`): what the
+        budget held and the thread did not spend is given back. `in_flight`: it came back
+        with a request it forwarded (see `replay_request`)."""
+        self._gate_policy().end_gate(in_flight)
+
+    def _gate_policy(self) -> GatePolicy:
+        policy = self.policy
+        assert isinstance(policy, GatePolicy), "only a gated policy's session is gated"
+        return policy
 
     def _tracked_client(self, data: bytes) -> bytes:
         reader = self._client

@@ -15,6 +15,8 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
 
 from proxy.policy.analyze import StatementFacts, parse_statements
 from proxy.policy.cache import AnalysisCache
@@ -52,7 +54,7 @@ from proxy.policy.masks import (
 )
 from proxy.policy.rules import Role, Rules
 from proxy.policy.template import Template, query_template
-from proxy.session import CopyRewriter, RowLimit, RowRewriter
+from proxy.session import UNLIMITED_GATE, CopyRewriter, GateBudget, RowLimit, RowRewriter
 from proxy.wire import messages as m
 
 log = logging.getLogger("topeng.policy")
@@ -153,6 +155,24 @@ class RefuseAll:
         return None
 
 
+GATE_SHARE: Final = 8
+"""A gated session holds at most 1/GATE_SHARE of each of its user's rate limits ahead."""
+GATE_MIN_SECONDS: Final = 1.0
+"""No budget is held for a rate window that ends sooner than this."""
+
+
+@dataclass(slots=True)
+class _GateHold:
+    """A budget charged ahead for the relay thread (RestrictedPolicy.reserve_gate): the
+    charges (counter, amount, whether it counts rows) and what the thread used of them."""
+
+    release: Callable[[], None]
+    keys: tuple[str, ...]
+    charges: list[tuple[tuple[str, int, int], int, bool]]
+    queries: int = 0
+    rows: int = 0
+
+
 def _disagree(detail: str) -> Refuse:
     return Refuse(
         FEATURE_NOT_SUPPORTED,
@@ -239,6 +259,10 @@ class RestrictedPolicy:
         self._last_decisions: tuple[Decision, ...] = ()
         # Facts of prepared statements' SQL, for charging rates at each Execute.
         self._executed: dict[str, tuple[StatementFacts, ...]] = {}
+        self._hold: _GateHold | None = None  # the budget a gated session spends (reserve_gate)
+        # A request the relay thread forwarded is being replayed (Session.replay_request): it
+        # is judged by the rules and budget it was forwarded under, not judged again.
+        self.replaying = False
 
     def _adopt(self, rules: Rules, role: Role) -> None:
         """Judge by these rules and this role from now on."""
@@ -266,8 +290,8 @@ class RestrictedPolicy:
     def _current(self) -> Refuse | None:
         """Follow a rules reload; a Refuse if the session's role is gone or now unrestricted."""
         source = self.rules_source
-        if source is None:
-            return None
+        if source is None or self.replaying:
+            return self._gone  # (a replayed request was judged when the thread forwarded it)
         rules = source()
         if rules is self.rules:
             return self._gone
@@ -330,6 +354,11 @@ class RestrictedPolicy:
 
     def judge_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
         return self._judge(sql)
+
+    def approve_query(self, sql: str) -> Refuse | Allow | tuple[Decision, ...]:
+        """`judge_query` for the gate's approval of a query not run now: rates are checked,
+        not charged."""
+        return self._judge(sql, charge=False)
 
     def judge_parse(self, sql: str, param_types: tuple[int, ...]) -> Decision:
         # Checked now (an exhausted rate refuses the Parse), charged at each Execute.
@@ -415,6 +444,8 @@ class RestrictedPolicy:
         and lookups (rows are charged as they are sent). A refused string costs nothing."""
         limiter = self.limiter
         assert limiter is not None
+        if self.replaying:
+            return None  # the thread forwarded it on its budget: checked and charged there
         role = self.role
         queries = sum(1 for f in all_facts if counts_as_query(f))
         lookups: dict[str, int] = {}
@@ -436,12 +467,12 @@ class RestrictedPolicy:
                     lookups[label] = lookups.get(label, 0) + n
         qkey = f"queries:{self.user}"
         if queries and role.max_queries_per_minute:
-            out = limiter.check(qkey, role.max_queries_per_minute, MINUTE, queries)
+            out = self._check(qkey, role.max_queries_per_minute, MINUTE, queries)
             if out is not None:
                 return self._rate_refusal("max_queries_per_minute", "statements", out)
         if any(reads_rows(f) for f in all_facts):
             for rule, limit, window in self._row_windows():
-                out = limiter.check(f"rows:{self.user}", limit, window, 1)
+                out = self._check(f"rows:{self.user}", limit, window, 1)
                 if out is not None:
                     return self._rate_refusal(rule, "rows", out)
         for label, n in sorted(lookups.items()):
@@ -456,6 +487,16 @@ class RestrictedPolicy:
         for label, n in lookups.items():
             limiter.add(f"lookups:{label}:{self.user}", MINUTE, n)
         return None
+
+    def _check(self, key: str, limit: int, window: int, amount: int) -> Exhausted | None:
+        """`Limiter.check`; when it fails while gated sessions of this process hold part of
+        the budget ahead, they give it back first and the check is made again."""
+        limiter = self.limiter
+        assert limiter is not None
+        out = limiter.check(key, limit, window, amount)
+        if out is not None and limiter.reclaim(key):
+            out = limiter.check(key, limit, window, amount)
+        return out
 
     def _rate_refusal(self, rule: str, what: str, out: Exhausted) -> Refuse:
         span = "minute" if out.window == MINUTE else "hour"
@@ -488,13 +529,20 @@ class RestrictedPolicy:
         if limiter is None or not self._row_rated:
             return self._row_limit
         per_query = self.role.max_rows_per_query
-        best: tuple[int, str, int, int] | None = None  # rows left, rule, limit, window
-        for rule, limit, window in self._row_windows():
-            left = limiter.remaining(f"rows:{self.user}", limit, window)
-            if best is None or left < best[0]:
-                best = (left, rule, limit, window)
-        if best is None or (per_query is not None and per_query <= best[0]):
-            return self._row_limit
+        key = f"rows:{self.user}"
+        while True:
+            best: tuple[int, str, int, int] | None = None  # rows left, rule, limit, window
+            for rule, limit, window in self._row_windows():
+                left = limiter.remaining(key, limit, window)
+                if best is None or left < best[0]:
+                    best = (left, rule, limit, window)
+            if best is None or (per_query is not None and per_query <= best[0]):
+                return self._row_limit
+            # Fewer rows left than a statement may return: holds of gated sessions count
+            # as used; give them back before this statement is held to what is left.
+            if not limiter.reclaim(key):
+                break
+        assert best is not None
         left, rule, limit, window = best
         out = limiter.check(f"rows:{self.user}", limit, window, left + 1)
         refusal = self._rate_refusal(
@@ -588,11 +636,79 @@ class RestrictedPolicy:
 
     def gateable(self) -> bool:
         """Whether the relay thread may run this role's approved statements on its own
-        (proxy/relay.py, the gate): nothing per statement to charge to a rate or to time out.
-        Follows a rules reload first, so a statement judged by older rules is not approved."""
+        (proxy/relay.py, the gate): nothing per statement to time out, and no lookups to
+        count (their count depends on the values). Statement and row rates are spent from a
+        budget charged ahead (`reserve_gate`). Follows a rules reload first, so a statement
+        judged by older rules is not approved."""
         if self._current() is not None:
             return False
-        return not self._rated and self.statement_timeout is None
+        return not self._lookup_labels and self.statement_timeout is None
+
+    def reserve_gate(self, release: Callable[[], None]) -> GateBudget | None:
+        """The budget the relay thread may spend on this session's approved statements,
+        charged to the user's rates now (see proxy/policy/limits.py, holds): a share of each
+        rate's limit (1/GATE_SHARE), until the rate window in force ends. None when that is
+        not possible now (less than two shares left, or the window ends within a second): the
+        statements are then judged here, one by one. `release` takes the session back from the
+        thread, for another session of the user that needs the budget; it must end in
+        `end_gate`, which gives back what was not used."""
+        self.end_gate()
+        limiter = self.limiter
+        role = self.role
+        if limiter is None or not self._rated:
+            return UNLIMITED_GATE
+        wanted: list[tuple[str, int, int]] = []  # (key, limit, window seconds)
+        if role.max_queries_per_minute:
+            wanted.append((f"queries:{self.user}", role.max_queries_per_minute, MINUTE))
+        wanted += [(f"rows:{self.user}", limit, window) for _, limit, window in self._row_windows()]
+        seconds = min(limiter.seconds_left(window) for _, _, window in wanted)
+        if seconds < GATE_MIN_SECONDS:
+            return None
+        queries = rows = -1
+        for key, limit, window in wanted:
+            share = max(1, limit // GATE_SHARE)
+            if limiter.remaining(key, limit, window) < 2 * share:
+                return None
+            if key.startswith("queries:"):
+                queries = share
+            else:
+                rows = share if rows < 0 else min(rows, share)
+        charges = []
+        for key, _, window in wanted:
+            is_rows = key.startswith("rows:")
+            slot = limiter.slot(key, window)
+            limiter.charge(slot, rows if is_rows else queries)
+            charges.append((slot, rows if is_rows else queries, is_rows))
+        hold = _GateHold(release, tuple(dict.fromkeys(key for key, _, _ in wanted)), charges)
+        for key in hold.keys:
+            limiter.hold(key, release)
+        self._hold = hold
+        return GateBudget(queries, rows, seconds)
+
+    def gate_ran(self, decision: Decision, runs: int, rows: int) -> None:
+        """The relay thread ran `runs` statements of this session, which sent `rows` rows:
+        spent from the budget held, or charged now if there is none."""
+        hold = self._hold
+        if hold is None:
+            self.rows_sent(decision, rows)
+            return
+        hold.queries += runs
+        hold.rows += rows
+
+    def end_gate(self, in_flight: bool = False) -> None:
+        """The session is back from the relay thread: what its budget held and it did not
+        use is given back, to the windows it was charged to (so what stays charged is what
+        was used, when it was used). `in_flight`: it came back with a request it forwarded,
+        which stays charged (its replay is not charged again; its rows are, as they come)."""
+        hold, limiter = self._hold, self.limiter
+        if hold is None or limiter is None:
+            return
+        self._hold = None
+        hold.queries += in_flight
+        for key in hold.keys:
+            limiter.unhold(key, hold.release)
+        for slot, amount, is_rows in hold.charges:
+            limiter.charge(slot, (hold.rows if is_rows else hold.queries) - amount)
 
     def query_template(self, sql: str) -> Template | None:
         """The template of a simple query whose facts the analysis cache shares by shape

@@ -12,6 +12,16 @@ Counters are keyed by *user* (the PostgreSQL user name), not by session: every s
 user draws on one budget. The limit values themselves are not stored: each check passes the
 limit of the user's role, so a rules reload takes effect at once.
 
+Holds: a session the relay thread runs on its own (the gate, proxy/relay.py) cannot ask the
+limiter per statement, so its policy charges a share of the user's budget *ahead*, to the
+window in force (`Limiter.slot`, `charge`), lets the thread spend it until that window ends,
+and gives back what is left when the session returns (`charge` with a negative amount, to the
+same slot). The usage that stays charged is then what was used, in the window it was used in.
+Meanwhile the unused rest counts as used for the user's other sessions, which is stricter than
+needed: so a check that fails asks the holders of that key in this process to give their holds
+back (`hold`, `reclaim`) and checks again. Holds in other processes (Redis) are not reclaimed;
+they are small (see RestrictedPolicy.reserve_gate).
+
 Backends:
 
 - `MemoryStore` (default): counters in this process. With `--workers N` each worker counts
@@ -275,6 +285,8 @@ class Limiter:
     def __init__(self, store: CounterStore | None = None, *, clock: Clock = time.time) -> None:
         self.store: CounterStore = store if store is not None else MemoryStore()
         self.clock = clock
+        # key -> the releases of the holds on its budget (see the module's docstring)
+        self._holders: dict[str, dict[Callable[[], None], None]] = {}
 
     @property
     def backend(self) -> str:
@@ -330,6 +342,44 @@ class Limiter:
     def add(self, key: str, window: int, amount: int) -> None:
         if amount > 0:
             self.store.add((key, window, math.floor(self.clock() / window)), amount)
+
+    def slot(self, key: str, window: int) -> _Slot:
+        """The counter `key` charges in the window of this length in force now."""
+        return key, window, math.floor(self.clock() / window)
+
+    def charge(self, slot: _Slot, amount: int) -> None:
+        """Adds `amount` to one counter (negative: gives back part of a hold charged to it)."""
+        if amount:
+            self.store.add(slot, amount)
+
+    def seconds_left(self, window: int) -> float:
+        """Seconds until the window of this length in force now ends."""
+        now = self.clock()
+        return (math.floor(now / window) + 1) * window - now
+
+    def hold(self, key: str, release: Callable[[], None]) -> None:
+        """Someone holds part of `key`'s budget and gives it back when `release` is called
+        (which must `unhold`)."""
+        self._holders.setdefault(key, {})[release] = None
+
+    def unhold(self, key: str, release: Callable[[], None]) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.pop(release, None)
+            if not holders:
+                del self._holders[key]
+
+    def reclaim(self, key: str) -> bool:
+        """Asks every holder of part of `key`'s budget to give it back; whether any held."""
+        holders = self._holders.pop(key, None)
+        if not holders:
+            return False
+        for release in list(holders):
+            release()
+        return True
+
+    def held(self, key: str) -> bool:
+        return key in self._holders
 
     def take(self, key: str, limit: int, window: int, amount: int = 1) -> Exhausted | None:
         """`check`, and charge when it fits."""

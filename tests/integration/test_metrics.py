@@ -12,6 +12,7 @@ import functools
 import re
 import shutil
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -314,6 +315,72 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
     assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 40
     assert delta("topeng_queries_total", role="supervisor", decision="masked") >= 5
     assert delta("topeng_rows_total", role="supervisor") == 45
+
+
+def _early_in_a_minute() -> None:
+    """Waits, if need be, until the wall-clock minute is at most 40 s old: a rate test's
+    charges then all fall in one window of max_rows_per_minute."""
+    into = time.time() % 60
+    if into > 40:
+        time.sleep(60.5 - into)
+
+
+def test_rate_limited_lookups_go_through_the_gate_and_the_limit_holds_exactly(
+    start_topeng: StartTopeng, tmp_path: Path
+) -> None:
+    """An agent (120 rows and 400 statements a minute) looks customers up one by one, with a
+    prepared statement: the relay thread runs the lookups, spending a share of the user's
+    budget held ahead. A second session of the same user, judged in Python, then gets
+    exactly the rest: the first session gives its unused hold back when the second needs it.
+    Both are then refused (53400), and everything is counted as with TOPENG_PURE_PYTHON."""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    text = BANK_RULES.read_text()
+    limits = "    max_rows_per_minute: 600 "
+    assert limits in text
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        text.replace(limits, "    max_queries_per_minute: 400\n    max_rows_per_minute: 120 ")
+    )
+    lookup = "SELECT id, full_name FROM bank.customers WHERE id = %s"
+    counted = {}
+    for pure in (False, True):
+        proxy = start_topeng(rules=rules, env={"TOPENG_PURE_PYTHON": "1"} if pure else None)
+        _early_in_a_minute()
+        _, before = scrape(proxy)
+        with connect(proxy, "agent_citra") as first, connect(proxy, "agent_citra") as second:
+            for i in range(1, 61):
+                row = first.execute(lookup, (i,), prepare=True).fetchone()
+                assert row is not None and row[0] == i
+            served = 0
+            with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as refused:
+                for i in range(1, 200):
+                    row = second.execute(lookup, (i,), prepare=True).fetchone()
+                    assert row is not None and row[0] == i
+                    served += 1
+            assert "max_rows_per_minute (120 rows) is exhausted" in str(refused.value)
+            with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
+                first.execute(lookup, (1,), prepare=True)
+        wait_until(
+            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 2,
+            "both sessions counted as ended ok",
+        )
+        _, after = scrape(proxy)
+        delta = functools.partial(moved, after, before)
+        if pure:
+            assert delta("topeng_relay_handovers_total") == 0
+        else:
+            assert delta("topeng_relay_handovers_total") >= 1, "the lookups were gated"
+            assert delta("topeng_relay_handbacks_total", reason="recalled") >= 1, (
+                "the first session was taken back for the second"
+            )
+        counted[pure] = (
+            served,
+            delta("topeng_rows_total", role="agent"),
+            delta("topeng_refusals_total", role="agent", reason="rate_limit"),
+        )
+        proxy.stop()
+    assert counted[False] == counted[True] == (60, 120, 2), counted
 
 
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:

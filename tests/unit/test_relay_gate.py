@@ -17,7 +17,7 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from bench.tracked import ACCOUNTS_OID, pgbench_catalog, ready_session
 from proxy import relay as relays
 from proxy.policy.cache import AnalysisCache
 from proxy.policy.engine import RestrictedPolicy
-from proxy.policy.limits import make_limiter
+from proxy.policy.limits import MINUTE, Limiter, MemoryStore, make_limiter
 from proxy.policy.rules import Rules, load_rules
-from proxy.session import POISON_SQL, Approval, Session
+from proxy.session import POISON_SQL, Approval, GateBudget, Session
 from proxy.wire import messages as m
 from proxy.wire.framing import FRONTEND_LIMITS, MessageReader
 
@@ -53,7 +53,8 @@ def _built() -> None:
         needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
 
 
-def rules(tmp: Path, extra: str = "") -> Rules:
+def rules(tmp: Path, extra: str = "", *, lookups: bool = False) -> Rules:
+    """The gated role (`extra`: more of its keys); `lookups`: a lookup-limited label on aid."""
     (tmp / "00-gate.yaml").write_text(
         "version: 1\n"
         "roles:\n"
@@ -63,15 +64,19 @@ def rules(tmp: Path, extra: str = "") -> Rules:
         f"    max_rows_per_query: {MAX_ROWS}\n{extra}"
         "labels:\n"
         "  branch: [public.pgbench_accounts.bid]\n"
-        "policies:\n"
+        + ("  account: [public.pgbench_accounts.aid]\n" if lookups else "")
+        + "policies:\n"
         "  gated:\n"
         "    branch: {mask: redact}\n"
+        + ("    account: {mask: redact, max_lookups_per_minute: 1000}\n" if lookups else "")
     )
     (tmp / "10-bank.yaml").write_text((REPO / "rules" / "bank.yaml").read_text())
     return load_rules(tmp)
 
 
-def policy(r: Rules) -> RestrictedPolicy:
+def policy(
+    r: Rules, limiter: Limiter | None = None, source: Callable[[], Rules] | None = None
+) -> RestrictedPolicy:
     return RestrictedPolicy(
         r,
         r.role("gated"),
@@ -80,9 +85,9 @@ def policy(r: Rules) -> RestrictedPolicy:
         cache=AnalysisCache(),
         hash_key=b"k" * 32,
         on_masked=None,
-        limiter=make_limiter(r),
+        limiter=make_limiter(r) if limiter is None else limiter,
         user="bench_agent",
-        rules_source=lambda: r,
+        rules_source=(lambda: r) if source is None else source,
     )
 
 
@@ -112,6 +117,8 @@ class ScriptedServer:
     portal_sql: str = SQL
     failed: bool = False  # an error in this batch: skip to Sync
     status: str = "I"  # "T" between BEGIN and COMMIT
+    # Called once, before the next reply goes out (the request has reached the server).
+    hook: Callable[[], None] | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.reader.feed(data)
@@ -148,7 +155,12 @@ class ScriptedServer:
             elif kind == "D":
                 out.append(description(self.portal_param, self.portal_sql))
             elif kind == "E":
-                out.append(self._execute(m.Execute.decode(bytes(body)).max_rows))
+                execute = m.Execute.decode(bytes(body))
+                if execute.portal:  # only the unnamed portal is ever bound here
+                    self.failed = True
+                    out.append(m.error_response("34000", "portal does not exist"))
+                    continue
+                out.append(self._execute(execute.max_rows))
             elif kind == "Q":
                 out.append(self._query(m.query_sql(body, "utf-8")))
             elif kind == "C":
@@ -156,6 +168,9 @@ class ScriptedServer:
                 out.append(m.frame(b"3", b""))
             else:
                 raise AssertionError(f"the scripted server got {kind!r}")
+        if out and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
         return b"".join(out)
 
     def _query(self, sql: str) -> bytes:
@@ -218,6 +233,8 @@ class Driver:
     server_got: bytearray = field(default_factory=bytearray)  # all the server was sent
     last_back: relays.Handback | None = None
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS) + 1))
+    budgets: list[GateBudget] = field(default_factory=list)  # held at each hand-over
+    reclaimed: int = 0  # taken back for another session of the user
 
     def __post_init__(self) -> None:
         self.client_app, self.client_end = socket.socketpair()
@@ -238,9 +255,13 @@ class Driver:
         approvals = self.session.gate_approvals()
         if not approvals:
             return
+        budget = self.session.gate_budget(self.reclaim)
+        if budget is None:
+            return
+        self.budgets.append(budget)
         cscan, sscan = self.session.gate_scanners()
         self.approvals = approvals
-        spec = (tuple(a.spec() for a in approvals), BOUNDS)
+        spec = (tuple(a.spec() for a in approvals), BOUNDS, budget.spec())
         self.rid = self.relay.add(  # type: ignore[attr-defined]
             self.client_end.fileno(),
             self.server_end.fileno(),
@@ -252,12 +273,19 @@ class Driver:
         )
         self.handovers += 1
 
+    def reclaim(self) -> None:
+        """Another session of the user needs the budget held (Connection.ungate)."""
+        if self.rid is not None:
+            self.reclaimed += 1
+            self._back(self.relay.recall(self.rid))  # type: ignore[attr-defined]
+
     def _back(self, item: _relay.BackTuple) -> None:
         back = relays._handback(item)[1]
         self.last_back = back
         self.rid = None
         self.handbacks += 1
         self._absorb(back)
+        self.session.gate_ended(back.gate is not None and bool(back.gate.request))
         send_all(self.client_end, back.to_client)
         send_all(self.server_end, back.to_server)
         assert back.gate is not None
@@ -381,10 +409,18 @@ def query(aid: int | str = 1, extra: str = "") -> bytes:
     return m.Query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}{extra}").encode()
 
 
-def converse(tmp: Path, steps: list[bytes], *, gated: bool) -> tuple[list[bytes], Driver]:
+def converse(
+    tmp: Path,
+    steps: list[bytes],
+    *,
+    gated: bool,
+    extra: str = "",
+    limiter: Limiter | None = None,
+) -> tuple[list[bytes], Driver]:
     """The client's replies to each step; the last item is everything the server was sent (so
-    comparing two conversations' lists compares both directions)."""
-    d = Driver(ready_session(policy(rules(tmp))), gated=gated)
+    comparing two conversations' lists compares both directions). `extra`: more keys of the
+    role."""
+    d = Driver(ready_session(policy(rules(tmp, extra), limiter)), gated=gated)
     try:
         replies = [d.exchange(step) for step in steps]
     finally:
@@ -578,8 +614,13 @@ def test_a_masked_statement_is_never_approved(tmp_rules: Path) -> None:
         d.close()
 
 
-def test_a_rate_limited_role_is_never_gated(tmp_rules: Path) -> None:
-    r = rules(tmp_rules, "    max_queries_per_minute: 1000\n")
+@pytest.mark.parametrize(
+    ("extra", "lookups"), [("    statement_timeout: 30s\n", False), ("", True)]
+)
+def test_a_role_with_a_timeout_or_lookup_limits_is_never_gated(
+    tmp_rules: Path, extra: str, lookups: bool
+) -> None:
+    r = rules(tmp_rules, extra, lookups=lookups)
     d = Driver(ready_session(policy(r)), gated=True)
     try:
         d.exchange(parse("s1"))
@@ -730,3 +771,233 @@ def test_any_conversation_is_the_same_with_the_gate(tmp_rules: Path, steps: list
     assert gated == plain
     assert g.session.counters.rows == p.session.counters.rows
     assert g.session.counters.bytes_in == p.session.counters.bytes_in
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(STEP, min_size=1, max_size=16))
+def test_any_conversation_of_a_rated_role_is_the_same_with_the_gate(
+    tmp_rules: Path, steps: list[bytes]
+) -> None:
+    """As above, for a role with statement and row rates (40 rows a minute: most of these
+    conversations run out), whose gated sessions spend budgets held ahead."""
+    steps = [parse("s1"), parse("s2"), run("s1", b"1"), run("s2", b"1"), query(1), *steps]
+    gl, pl = frozen_limiter(), frozen_limiter()
+    gated, g = converse(tmp_rules, steps, gated=True, extra=RATES, limiter=gl)
+    plain, p = converse(tmp_rules, steps, gated=False, extra=RATES, limiter=pl)
+    assert gated == plain
+    for what in ("rows", "queries"):
+        assert used(gl, what) == used(pl, what)
+    assert g.session.counters.rows == p.session.counters.rows
+    assert g.session.counters.bytes_in == p.session.counters.bytes_in
+
+
+# ------------------------------------------------------------------ rate limits
+
+RATES = "    max_rows_per_minute: 40\n    max_queries_per_minute: 64\n"
+# 20 s into a minute: every charge of these tests falls in one window, whatever the real time.
+FROZEN = 60.0 * 29_000_000 + 20.0
+
+
+def frozen_limiter(at: float = FROZEN) -> Limiter:
+    return Limiter(MemoryStore(), clock=lambda: at)
+
+
+def used(limiter: Limiter, what: str) -> int:
+    return limiter.used(f"{what}:bench_agent", MINUTE)
+
+
+def test_a_rated_role_spends_a_budget_held_ahead_and_is_refused_as_python_would(
+    tmp_rules: Path,
+) -> None:
+    # 40 rows a minute: one row per run, so the 41st run is refused (53400), as is the rest.
+    steps = [parse("s1")] + [run("s1", b"1") for _ in range(44)]
+    gl, pl = frozen_limiter(), frozen_limiter()
+    gated, g = converse(tmp_rules, steps, gated=True, extra=RATES, limiter=gl)
+    plain, p = converse(tmp_rules, steps, gated=False, extra=RATES, limiter=pl)
+    assert gated == plain
+    assert [b"53400" in reply for reply in plain[:-1]] == [False] * 41 + [True] * 4
+    # A share is 1/8 of each limit (5 rows, 8 statements), held while 2 shares are left.
+    assert g.budgets[0] == GateBudget(8, 5, 40.0)
+    assert g.handovers >= 4 and g.runs >= 4 * 4, "most runs went through the thread"
+    # What stays charged is what was used: every hold was given back but for its use.
+    assert used(gl, "rows") == used(pl, "rows") == 40
+    assert used(gl, "queries") == used(pl, "queries") == 40, "a refused run costs nothing"
+    assert g.session.counters.rows == p.session.counters.rows == 40
+
+
+def test_a_budget_ends_with_its_rate_window(tmp_rules: Path) -> None:
+    # 1.5 s before the minute ends: the budget lasts 1.5 s, then the next request comes back.
+    limiter = frozen_limiter(FROZEN + 38.5)
+    d = Driver(ready_session(policy(rules(tmp_rules, RATES), limiter)), gated=True)
+    try:
+        replies = [d.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 4]
+        assert d.handovers == 1 and d.handbacks == 0 and d.budgets[0].seconds == 1.5
+        time.sleep(1.6)
+        replies.append(d.exchange(run("s1", b"1")))
+        assert d.handbacks == 1 and d.last_back is not None
+        assert d.last_back.why == relays.CHUNK and d.last_back.side == relays.CLIENT
+        assert d.handovers == 2, "handed over again, with a new budget"
+    finally:
+        d.close()
+    assert all(b"53400" not in reply for reply in replies)
+    assert used(limiter, "rows") == 5 and used(limiter, "queries") == 5
+
+
+def test_no_budget_is_held_near_the_end_of_a_window_or_of_the_limit(tmp_rules: Path) -> None:
+    steps = [parse("s1")] + [run("s1", b"1") for _ in range(4)]
+    _, late = converse(
+        tmp_rules, steps, gated=True, extra=RATES, limiter=frozen_limiter(FROZEN + 39.5)
+    )
+    assert late.handovers == 0, "the window ends within a second"
+    spent = frozen_limiter()
+    spent.add("rows:bench_agent", MINUTE, 31)  # 9 left: fewer than two shares of 5
+    _, low = converse(tmp_rules, steps, gated=True, extra=RATES, limiter=spent)
+    assert low.handovers == 0
+    assert used(spent, "rows") == 35
+
+
+def test_another_session_of_the_user_takes_the_held_budget_back_when_it_needs_it(
+    tmp_rules: Path,
+) -> None:
+    """Session A holds a share of the user's rows in the thread; session B, judged in Python,
+    runs out of rows: A gives its hold back first, so B is refused exactly where it would be
+    had A held nothing."""
+
+    def scenario(a_gated: bool) -> tuple[list[bytes], Driver, Limiter]:
+        limiter = frozen_limiter()
+        r = rules(tmp_rules, RATES)
+        a = Driver(ready_session(policy(r, limiter)), gated=a_gated)
+        b = Driver(ready_session(policy(r, limiter)), gated=False)
+        try:
+            for step in [parse("s1")] + [run("s1", b"1")] * 6:
+                a.exchange(step)
+            replies = [b.exchange(step) for step in [parse("s1")] + [run("s1", b"2")] * 20]
+            replies.append(a.exchange(run("s1", b"1")))  # A: no rows are left for it
+        finally:
+            a.close()
+            b.close()
+        return replies, a, limiter
+
+    held, a, limiter = scenario(True)
+    unheld, _, unheld_limiter = scenario(False)
+    assert held == unheld
+    # 6 rows of A, then 17 runs of 2 rows of B: 40; the 18th is refused, as is A's next.
+    assert [b"53400" in reply for reply in held] == [False] * 18 + [True] * 4
+    assert a.handovers == 1 and a.reclaimed == 1, "A was gated, and taken back for B"
+    assert a.last_back is not None and a.last_back.why == relays.RECALLED
+    assert used(limiter, "rows") == used(unheld_limiter, "rows") == 40
+
+
+def test_a_budget_spent_sends_the_next_request_to_python_first(tmp_rules: Path) -> None:
+    """A's hold is spent when B, judged in Python, takes the user's last rows without
+    needing it back: A's next request, even one that returns no rows, is refused as Python
+    refuses it (no row is left for a statement that reads rows)."""
+
+    def scenario(a_gated: bool) -> tuple[list[bytes], Driver]:
+        limiter = frozen_limiter()
+        r = rules(tmp_rules, RATES)
+        a = Driver(ready_session(policy(r, limiter)), gated=a_gated)
+        b = Driver(ready_session(policy(r, limiter)), gated=False)
+        try:
+            # A: 2 rows in Python, then a hold of 5 rows, all spent (7 charged).
+            replies = [a.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 7]
+            # B: 7 runs of 4 rows and one of 5, 33: the user's 40, with never fewer rows
+            # left than a run may return (5), so A's hold is not needed back.
+            b_steps = [parse("s1")] + [run("s1", b"4")] * 7 + [run("s1", b"5")]
+            replies += [b.exchange(step) for step in b_steps]
+            replies.append(a.exchange(run("s1", b"0")))
+            assert used(limiter, "rows") == 40
+        finally:
+            a.close()
+            b.close()
+        return replies, a
+
+    held, a = scenario(True)
+    assert held == scenario(False)[0]
+    assert a.budgets == [GateBudget(8, 5, 40.0)] and a.runs == 5 and a.reclaimed == 0
+    assert b"53400" in held[-1] and all(b"53400" not in reply for reply in held[:-1])
+
+
+def test_a_request_in_flight_when_its_window_ends_is_judged_as_it_was_forwarded(
+    tmp_rules: Path,
+) -> None:
+    """The thread forwards a run 1.5 s before the rate window ends, and its reply comes after:
+    the reply comes back to Python with the request, whose replay is not judged again (the
+    new window has no rows left: judged again, it would be refused, and the session could
+    not go on); its rows are, as Python judges them when they come: refused (53400)."""
+    end = FROZEN + 40.0
+
+    def scenario(gated: bool) -> tuple[list[bytes], Driver, Limiter]:
+        now = [end - 1.5]
+        limiter = Limiter(MemoryStore(), clock=lambda: now[0])
+
+        def window_ends() -> None:
+            time.sleep(1.6 if gated else 0.0)
+            now[0] = end + 0.001
+            limiter.add("rows:bench_agent", MINUTE, 40)  # another session's, in the new one
+
+        d = Driver(ready_session(policy(rules(tmp_rules, RATES), limiter)), gated=gated)
+        try:
+            replies = [d.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 2]
+            d.server.hook = window_ends
+            replies.append(d.exchange(run("s1", b"1")))
+        finally:
+            d.close()
+        return replies, d, limiter
+
+    held, d, limiter = scenario(True)
+    plain, _, plain_limiter = scenario(False)
+    assert held == plain
+    assert b"53400" in held[-1] and b"more rows than are left" in held[-1]
+    assert d.handovers == 1 and d.last_back is not None
+    assert d.last_back.side == relays.SERVER and d.last_back.gate is not None
+    assert d.last_back.gate.request, "it came back with the request in flight"
+    for lim in (limiter, plain_limiter):  # 3 statements, 2 rows in the first window
+        assert lim.store.get(("queries:bench_agent", MINUTE, int(end // MINUTE) - 1)) == 3
+        assert lim.store.get(("rows:bench_agent", MINUTE, int(end // MINUTE) - 1)) == 2
+
+
+def test_a_request_in_flight_when_the_rules_change_is_judged_by_the_rules_it_went_under(
+    tmp_rules: Path,
+) -> None:
+    """A reload takes a gated session back (Connection.ungate) while its request is in
+    flight: the replay is judged by the rules it was forwarded under, as Python judged it
+    before the reload, and the next run by the new ones (abalance denied: refused)."""
+    before = rules(tmp_rules)
+    deny = tmp_rules / "deny"
+    deny.mkdir()
+    rules(deny)
+    gate_yaml = (deny / "00-gate.yaml").read_text()
+    (deny / "00-gate.yaml").write_text(
+        gate_yaml.replace("bid]", "bid, public.pgbench_accounts.abalance]").replace(
+            "{mask: redact}", "deny"
+        )
+    )
+    after = load_rules(deny)
+
+    def scenario(gated: bool) -> list[bytes]:
+        current = [before]
+        d = Driver(ready_session(policy(before, source=lambda: current[0])), gated=gated)
+
+        def reload() -> None:
+            current[0] = after
+            d.reclaim()
+
+        try:
+            replies = [d.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 3]
+            d.server.hook = reload
+            replies.append(d.exchange(run("s1", b"1")))
+            if gated:
+                assert d.reclaimed == 1 and d.last_back is not None
+                assert d.last_back.gate is not None and d.last_back.gate.request
+            replies.append(d.exchange(run("s1", b"1")))
+        finally:
+            d.close()
+        return replies
+
+    held = scenario(True)
+    assert held == scenario(False)
+    assert b"\x00\x01\x00\x00\x00\x010" in held[-2], "the run in flight sends its row"
+    assert b"42501" in held[-1], "the next run is refused by the new rules"
