@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "prints (--out defaults to '-'), since a partial table would overwrite the full one",
     )  # fmt: skip
     parser.add_argument(
+        "--rated", action="store_true",
+        help="give the restricted role statement and row rates it never exhausts (100 million "
+        "statements, a billion rows a minute): its gated sessions then spend rate budgets held "
+        "ahead, as the bank's agent role does; the report then only prints, as with --only",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", metavar="DIR",
         help="after the rounds, run each workload once more through Topeng under py-spy and "
         "write raw profiles (flamegraph input) to DIR; these runs are not measured",
@@ -179,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keys = ", ".join(m.key for m in MEASURES)
             print(f"bench: --only {args.only!r} matches no workload; keys: {keys}", file=sys.stderr)
             return 2
-        if args.out == str(DEFAULT_OUT):
-            args.out = "-"
+    if (args.only is not None or args.rated) and args.out == str(DEFAULT_OUT):
+        args.out = "-"  # a partial or variant table must not overwrite the full one
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         users = prepare_database(pg, CUSTOMERS, log)
         max_connections = int(server_setting(pg, "max_connections"))
         shared_buffers = server_setting(pg, "shared_buffers")
-        rules = write_rules(workdir)
+        rules = write_rules(workdir, rated=args.rated)
         bouncer = start_pgbouncer(bouncer_bin, pg, users, workdir, stack)
         topeng = start_topeng(pg, rules, workdir, stack, "--workers", str(args.workers))
         log(f"PostgreSQL :{pg.port}, pgbouncer :{bouncer.port}, Topeng :{topeng.port}")
@@ -262,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
             (
                 "Topeng",
                 f"python -m proxy serve: {args.workers} worker(s), --metrics-listen off, "
-                f"--log-level warning; masking loop in {'C' if fastmask.AVAILABLE else 'Python'}",
+                f"--log-level warning; masking loop in {'C' if fastmask.AVAILABLE else 'Python'}"
+                + ("; the restricted role rated (--rated)" if args.rated else ""),
             ),
             ("Topeng commit", machine.git_commit(REPO_ROOT)),
             (

@@ -440,11 +440,21 @@ def pgbouncer_version(binary: str) -> str:
 # -- Topeng ------------------------------------------------------------------------------------
 
 
-def write_rules(workdir: Path) -> Path:
-    """A rules directory: the bench's roles first, then rules/bank.yaml unchanged."""
+#: `--rated`: statement and row rates the runs never exhaust, for the restricted role: its
+#: gated sessions then spend budgets held ahead (docs/operations.md), as the bank's agent does.
+RATED = "    max_queries_per_minute: 100000000\n    max_rows_per_minute: 1000000000\n"
+
+
+def write_rules(workdir: Path, *, rated: bool = False) -> Path:
+    """A rules directory: the bench's roles first, then rules/bank.yaml unchanged. `rated`:
+    the restricted role has rates too (RATED)."""
     directory = workdir / "rules"
     directory.mkdir()
-    (directory / "00-bench.yaml").write_text(BENCH_RULES)
+    rules = BENCH_RULES
+    if rated:
+        limit = "    max_rows_per_query: 10000000\n"
+        rules = rules.replace(limit, limit + RATED, 1)
+    (directory / "00-bench.yaml").write_text(rules)
     shutil.copyfile(REPO_ROOT / "rules" / "bank.yaml", directory / "10-bank.yaml")
     return directory
 

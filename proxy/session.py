@@ -284,6 +284,10 @@ class GatePolicy(StatementPolicy, Protocol):
         """The template of a simple query, or None."""
         ...
 
+    def gate_row_limit(self) -> int:
+        """The most rows one gated reply may hold (0: no limit); rates are the budget's."""
+        ...
+
     def reserve_gate(self, release: Callable[[], None]) -> GateBudget | None:
         """The rate budget to hand over with the session, charged ahead; None: not now."""
         ...
@@ -881,6 +885,7 @@ class Session:
             return None
         generation = policy.generation
         codec = self.client_codec
+        max_rows = policy.gate_row_limit()
         approvals: list[Approval] = []
         for stmt in self._statements.values():
             if (
@@ -905,7 +910,6 @@ class Session:
                 and self._passes_for(stmt, bare, stmt.description)
             ):
                 runs[bare] = (runs.get(bare, (b"", True))[0], True)
-            limit = policy.row_limit(stmt.decision)
             for result_formats, (raw, bare_too) in runs.items():
                 approvals.append(
                     Approval(
@@ -915,7 +919,7 @@ class Session:
                             f"!h{len(result_formats)}h", len(result_formats), *result_formats
                         ),
                         description=raw,
-                        max_rows=0 if limit is None else max(1, limit.rows),
+                        max_rows=max_rows,
                         bare=bare_too,
                     )
                 )
@@ -939,14 +943,13 @@ class Session:
             template = policy.query_template(sql)
             if template is None:
                 continue
-            limit = policy.row_limit(decision)
             approvals.append(
                 Approval(
                     decision=decision,
                     name=b"",
                     formats=b"",
                     description=raw,
-                    max_rows=0 if limit is None else max(1, limit.rows),
+                    max_rows=max_rows,
                     template=template,
                 )
             )

@@ -644,6 +644,12 @@ class RestrictedPolicy:
             return False
         return not self._lookup_labels and self.statement_timeout is None
 
+    def gate_row_limit(self) -> int:
+        """The most rows one reply the relay thread forwards may hold (0: no limit): the
+        role's max_rows_per_query. Rows per minute or hour are the budget's (reserve_gate):
+        the thread forwards no reply with more rows than the budget has left."""
+        return self.role.max_rows_per_query or 0
+
     def reserve_gate(self, release: Callable[[], None]) -> GateBudget | None:
         """The budget the relay thread may spend on this session's approved statements,
         charged to the user's rates now (see proxy/policy/limits.py, holds): a share of each

@@ -327,3 +327,17 @@ def test_only_with_no_match_is_refused_before_anything_starts(
 
     assert main(["--only", "nothing-like-this"]) == 2
     assert "matches no workload" in capsys.readouterr().err
+
+
+def test_rated_gives_the_restricted_role_rates_it_never_exhausts(tmp_path: Path) -> None:
+    from bench.services import write_rules
+    from proxy.policy.rules import load_rules
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "rated").mkdir()
+    plain = load_rules(write_rules(tmp_path / "plain")).role("bench_restricted")
+    rated = load_rules(write_rules(tmp_path / "rated", rated=True)).role("bench_restricted")
+    assert plain.max_queries_per_minute is None and plain.max_rows_per_minute is None
+    assert rated.max_queries_per_minute == 100_000_000
+    assert rated.max_rows_per_minute == 1_000_000_000
+    assert rated.max_rows_per_query == plain.max_rows_per_query == 10_000_000
