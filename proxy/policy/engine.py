@@ -156,7 +156,10 @@ class RefuseAll:
 
 
 GATE_SHARE: Final = 8
-"""A gated session holds at most 1/GATE_SHARE of each of its user's rate limits ahead."""
+"""A gated session holds 1/GATE_SHARE of what is left of each of its user's rates ahead."""
+GATE_MIN_SHARE: Final = 4
+"""No budget is held when a share would be smaller (statements or rows): near the end of a
+user's budget every statement is judged in Python."""
 GATE_MIN_SECONDS: Final = 1.0
 """No budget is held for a rate window that ends sooner than this."""
 
@@ -652,9 +655,10 @@ class RestrictedPolicy:
 
     def reserve_gate(self, release: Callable[[], None]) -> GateBudget | None:
         """The budget the relay thread may spend on this session's approved statements,
-        charged to the user's rates now (see proxy/policy/limits.py, holds): a share of each
-        rate's limit (1/GATE_SHARE), until the rate window in force ends. None when that is
-        not possible now (less than two shares left, or the window ends within a second): the
+        charged to the user's rates now (see proxy/policy/limits.py, holds): a share of what
+        is left of each rate (1/GATE_SHARE, so that the user's other sessions find room to
+        hold theirs), until the rate window in force ends. None when that is not worth it now
+        (a share under GATE_MIN_SHARE, or the window ends within GATE_MIN_SECONDS): the
         statements are then judged here, one by one. `release` takes the session back from the
         thread, for another session of the user that needs the budget; it must end in
         `end_gate`, which gives back what was not used."""
@@ -672,8 +676,8 @@ class RestrictedPolicy:
             return None
         queries = rows = -1
         for key, limit, window in wanted:
-            share = max(1, limit // GATE_SHARE)
-            if limiter.remaining(key, limit, window) < 2 * share:
+            share = limiter.remaining(key, limit, window) // GATE_SHARE
+            if share < GATE_MIN_SHARE:
                 return None
             if key.startswith("queries:"):
                 queries = share

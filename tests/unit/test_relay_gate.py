@@ -818,9 +818,12 @@ def test_a_rated_role_spends_a_budget_held_ahead_and_is_refused_as_python_would(
     plain, p = converse(tmp_rules, steps, gated=False, extra=RATES, limiter=pl)
     assert gated == plain
     assert [b"53400" in reply for reply in plain[:-1]] == [False] * 41 + [True] * 4
-    # A share is 1/8 of each limit (5 rows, 8 statements), held while 2 shares are left.
-    assert g.budgets[0] == GateBudget(8, 5, 40.0)
-    assert g.handovers >= 4 and g.runs >= 4 * 4, "most runs went through the thread"
+    # A share is 1/8 of what is left of each rate, held while it is at least 4: after two
+    # runs in Python, 38 rows and 62 statements are left.
+    assert g.budgets[:2] == [GateBudget(7, 4, 40.0), GateBudget(7, 4, 40.0)]
+    # Two holds of 4 runs each (the 7th run comes back: no row left of the hold); then a
+    # share of what is left (29 rows) is under 4, and the rest is judged in Python.
+    assert g.handovers == 2 and g.runs == 8
     # What stays charged is what was used: every hold was given back but for its use.
     assert used(gl, "rows") == used(pl, "rows") == 40
     assert used(gl, "queries") == used(pl, "queries") == 40, "a refused run costs nothing"
@@ -852,10 +855,10 @@ def test_no_budget_is_held_near_the_end_of_a_window_or_of_the_limit(tmp_rules: P
     )
     assert late.handovers == 0, "the window ends within a second"
     spent = frozen_limiter()
-    spent.add("rows:bench_agent", MINUTE, 31)  # 9 left: fewer than two shares of 5
+    spent.add("rows:bench_agent", MINUTE, 10)  # after 10 rows, 30 left: a share of 3 rows
     _, low = converse(tmp_rules, steps, gated=True, extra=RATES, limiter=spent)
     assert low.handovers == 0
-    assert used(spent, "rows") == 35
+    assert used(spent, "rows") == 14
 
 
 def test_another_session_of_the_user_takes_the_held_budget_back_when_it_needs_it(
@@ -871,7 +874,7 @@ def test_another_session_of_the_user_takes_the_held_budget_back_when_it_needs_it
         a = Driver(ready_session(policy(r, limiter)), gated=a_gated)
         b = Driver(ready_session(policy(r, limiter)), gated=False)
         try:
-            for step in [parse("s1")] + [run("s1", b"1")] * 6:
+            for step in [parse("s1")] + [run("s1", b"1")] * 4:  # 2 gated: 2 of 4 held left
                 a.exchange(step)
             replies = [b.exchange(step) for step in [parse("s1")] + [run("s1", b"2")] * 20]
             replies.append(a.exchange(run("s1", b"1")))  # A: no rows are left for it
@@ -883,8 +886,8 @@ def test_another_session_of_the_user_takes_the_held_budget_back_when_it_needs_it
     held, a, limiter = scenario(True)
     unheld, _, unheld_limiter = scenario(False)
     assert held == unheld
-    # 6 rows of A, then 17 runs of 2 rows of B: 40; the 18th is refused, as is A's next.
-    assert [b"53400" in reply for reply in held] == [False] * 18 + [True] * 4
+    # 4 rows of A, then 18 runs of 2 rows of B: 40; the 19th is refused, as is A's next.
+    assert [b"53400" in reply for reply in held] == [False] * 19 + [True] * 3
     assert a.handovers == 1 and a.reclaimed == 1, "A was gated, and taken back for B"
     assert a.last_back is not None and a.last_back.why == relays.RECALLED
     assert used(limiter, "rows") == used(unheld_limiter, "rows") == 40
@@ -901,11 +904,11 @@ def test_a_budget_spent_sends_the_next_request_to_python_first(tmp_rules: Path) 
         a = Driver(ready_session(policy(r, limiter)), gated=a_gated)
         b = Driver(ready_session(policy(r, limiter)), gated=False)
         try:
-            # A: 2 rows in Python, then a hold of 5 rows, all spent (7 charged).
-            replies = [a.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 7]
-            # B: 7 runs of 4 rows and one of 5, 33: the user's 40, with never fewer rows
+            # A: 2 rows in Python, then a hold of 4 rows, all spent (6 charged).
+            replies = [a.exchange(step) for step in [parse("s1")] + [run("s1", b"1")] * 6]
+            # B: 6 runs of 4 rows and two of 5, 34: the user's 40, with never fewer rows
             # left than a run may return (5), so A's hold is not needed back.
-            b_steps = [parse("s1")] + [run("s1", b"4")] * 7 + [run("s1", b"5")]
+            b_steps = [parse("s1")] + [run("s1", b"4")] * 6 + [run("s1", b"5")] * 2
             replies += [b.exchange(step) for step in b_steps]
             replies.append(a.exchange(run("s1", b"0")))
             assert used(limiter, "rows") == 40
@@ -916,7 +919,7 @@ def test_a_budget_spent_sends_the_next_request_to_python_first(tmp_rules: Path) 
 
     held, a = scenario(True)
     assert held == scenario(False)[0]
-    assert a.budgets == [GateBudget(8, 5, 40.0)] and a.runs == 5 and a.reclaimed == 0
+    assert a.budgets == [GateBudget(7, 4, 40.0)] and a.runs == 4 and a.reclaimed == 0
     assert b"53400" in held[-1] and all(b"53400" not in reply for reply in held[:-1])
 
 
