@@ -31,7 +31,13 @@
  * flight; and a server chunk that is exactly its whole reply: BindComplete (not for a Query),
  * the approved RowDescription byte for byte (unless there was no Describe), no more DataRows
  * than the approval allows, a SELECT CommandComplete (or PortalSuspended, when exactly the
- * Execute's row count came) and ReadyForQuery 'I'. The policy approves a
+ * Execute's row count came) and ReadyForQuery with the transaction status it had ('I', or 'T'
+ * inside a transaction block). A COMMAND approval is a transaction-control statement (BEGIN,
+ * COMMIT, ROLLBACK, ...) sent as exactly the approved Query text, whose reply must be exactly
+ * the approved CommandComplete and a ReadyForQuery 'I' or 'T'. The thread keeps the transaction
+ * status, and which approval last bound the unnamed portal (it outlives a round trip inside a
+ * transaction block), and reports both, so the session knows them as if it had seen the
+ * replies. The policy approves a
  * statement only once it has seen that very RowDescription pass unmasked, so the rows of such
  * a reply need no masking. A request handed back while one is in flight (or a reply that is
  * not of that shape) comes back with the in-flight request, which the Python session replays
@@ -124,6 +130,8 @@ typedef struct {
     size_t description_len;
     int bare;                   /* Bind, Execute, Sync without Describe is approved too */
     uint64_t max_rows;          /* rows a reply may hold; 0: no limit */
+    unsigned char *command;     /* a command approval: its whole CommandComplete message */
+    size_t command_len;         /* 0: a statement that returns rows */
     /* A query template: its text is segments[0] hole[0] segments[1] hole[1] ... up to the
      * segment whose hole is HOLE_END. */
     size_t nsegments;
@@ -146,6 +154,11 @@ typedef struct {
     double started;
     unsigned char *request; /* the in-flight request, as forwarded */
     size_t request_len, request_cap;
+    int status;           /* the transaction status of the last ReadyForQuery: 'I' or 'T' */
+    int cleared;          /* since the last collect: a transaction ended (portals with it) */
+    long bound;           /* since the last collect: the approval that last bound the unnamed
+                           * portal and left it open (-1: none) */
+    int bound_described;  /* ... with a Describe of the portal */
     int64_t queries_left; /* statements the budget still holds; -1: no limit */
     int64_t rows_left;    /* rows it still holds; -1: no limit */
     double deadline;      /* CLOCK_MONOTONIC seconds the budget lasts until; 0: for ever */
@@ -465,19 +478,19 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
              uint32_t *execute_rows)
 {
     size_t pos = 0, end;
-    if (g->inflight >= 0 || !gate_budget_open(g))
+    if (g->inflight >= 0)
         return NEEDS_PYTHON;
     int first = whole_message(d, n, pos, &end);
     if (first == 'Q' && end == n) {
         long found = approved_query(g, d + 5, n - 5);
-        if (found < 0)
-            return NEEDS_PYTHON;
+        if (found < 0 || (!g->approvals[found].command_len && !gate_budget_open(g)))
+            return NEEDS_PYTHON; /* (a command draws on no rate) */
         *index = found;
         *described = 1; /* a query's reply describes its rows */
         *execute_rows = 0;
         return PLAIN;
     }
-    if (first != 'B')
+    if (first != 'B' || !gate_budget_open(g))
         return NEEDS_PYTHON;
     long found = approved_bind(g, d + pos + 5, end - pos - 5);
     if (found < 0)
@@ -507,14 +520,32 @@ gate_request(const Gate *g, const unsigned char *d, size_t n, long *index, int *
     return PLAIN;
 }
 
-/* A server chunk the gate forwards: the whole reply to the request in flight. Sets *rows. */
+/* Whether d[pos..n) is exactly one ReadyForQuery with one of the two statuses. */
 static int
-gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
+ready_at_end(const unsigned char *d, size_t n, size_t pos, int status, int other)
+{
+    size_t end;
+    return whole_message(d, n, pos, &end) == 'Z' && end - pos == 6 && end == n &&
+           (d[pos + 5] == status || d[pos + 5] == other);
+}
+
+/* A server chunk the gate forwards: the whole reply to the request in flight. Sets *rows
+ * and *status (of its ReadyForQuery). */
+static int
+gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows, int *status)
 {
     if (g->inflight < 0)
         return NEEDS_PYTHON; /* a notice or a parameter status between requests */
     const Approval *a = &g->approvals[g->inflight];
     size_t pos = 0, end;
+    if (a->command_len) {
+        if (n < a->command_len || memcmp(d, a->command, a->command_len) != 0 ||
+            !ready_at_end(d, n, a->command_len, 'I', 'T'))
+            return NEEDS_PYTHON; /* a warning, an error, another tag */
+        *rows = 0;
+        *status = d[n - 1];
+        return PLAIN;
+    }
     if (!a->nsegments) {
         if (whole_message(d, n, pos, &end) != '2' || end != 5)
             return NEEDS_PYTHON; /* BindComplete first */
@@ -540,9 +571,8 @@ gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
                (g->execute_rows && count > g->execute_rows))
         return NEEDS_PYTHON; /* an error, a notice, a split chunk, another command */
     pos = end;
-    if (whole_message(d, n, pos, &end) != 'Z' || end - pos != 6 || d[pos + 5] != 'I' ||
-        end != n)
-        return NEEDS_PYTHON;
+    if (!ready_at_end(d, n, pos, g->status, g->status))
+        return NEEDS_PYTHON; /* split, or the transaction status moved */
     if (a->max_rows && count > a->max_rows)
         return NEEDS_PYTHON; /* the row limit's refusal is the policy's to make */
     if (g->rows_left >= 0 && count > (uint64_t)g->rows_left)
@@ -550,6 +580,7 @@ gate_reply(const Gate *g, const unsigned char *d, size_t n, uint64_t *rows)
     if (g->deadline != 0 && now_monotonic() >= g->deadline)
         return NEEDS_PYTHON; /* the window the budget was charged to is over */
     *rows = count;
+    *status = g->status;
     return PLAIN;
 }
 
@@ -588,6 +619,7 @@ free_gate(Gate *g)
         free(a->name);
         free(a->formats);
         free(a->description);
+        free(a->command);
         for (size_t j = 0; j < a->nsegments; j++)
             free(a->segments[j]);
         free(a->segments);
@@ -712,10 +744,11 @@ on_readable(Relay *r, Session *s, int from)
     int described = 0;
     uint32_t execute_rows = 0;
     uint64_t rows = 0;
+    int status = 0;
     int gated = PLAIN;
     if (g)
         gated = from == CLIENT ? gate_request(g, r->buf, n, &index, &described, &execute_rows)
-                               : gate_reply(g, r->buf, n, &rows);
+                               : gate_reply(g, r->buf, n, &rows, &status);
     if (gated != PLAIN || scan_chunk(&src->scan, r->buf, n, r->seen) != PLAIN) {
         s->chunk = malloc(n);
         if (s->chunk) {
@@ -735,7 +768,7 @@ on_readable(Relay *r, Session *s, int from)
             return;
         }
         g->inflight = index;
-        if (g->queries_left > 0)
+        if (g->queries_left > 0 && !g->approvals[index].command_len)
             g->queries_left--;
         g->described = described;
         g->execute_rows = execute_rows;
@@ -746,6 +779,15 @@ on_readable(Relay *r, Session *s, int from)
         a->rows += rows;
         if (g->rows_left > 0)
             g->rows_left -= (int64_t)rows;
+        if (!a->nsegments) {
+            g->bound = g->inflight; /* the unnamed portal is this approval's now */
+            g->bound_described = g->described;
+        }
+        g->status = status;
+        if (status == 'I') {
+            g->cleared = 1; /* portals end with their transaction */
+            g->bound = -1;
+        }
         gate_observe(g, now_monotonic() - g->started);
         g->inflight = -1;
         g->request_len = 0;
@@ -972,11 +1014,14 @@ collect_gate(Gate *g)
         PyList_SET_ITEM(buckets, (Py_ssize_t)i, c);
     }
     size_t inflight = g->inflight >= 0 ? g->request_len : 0;
-    PyObject *out = Py_BuildValue("(NNNdy#)", runs, rows, buckets, g->sum,
+    PyObject *out = Py_BuildValue("(NNNdy#lCili)", runs, rows, buckets, g->sum,
                                   g->request ? (const char *)g->request : "",
-                                  (Py_ssize_t)inflight);
+                                  (Py_ssize_t)inflight, g->inflight, g->status, g->cleared,
+                                  g->bound, g->bound_described);
     if (!out)
         return NULL; /* Py_BuildValue's N took the lists even so */
+    g->cleared = 0;
+    g->bound = -1;
     for (size_t i = 0; i < g->napprovals; i++)
         g->approvals[i].runs = g->approvals[i].rows = 0;
     memset(g->buckets, 0, (g->nbounds + 1) * sizeof *g->buckets);
@@ -1133,21 +1178,27 @@ load_template(Approval *a, PyObject *template)
     return 0;
 }
 
-/* gate: (approvals, bounds[, budget]); approvals: ((name, formats, description, bare,
- * max_rows, template), ...) with template None for a prepared statement; bounds: the duration
- * histogram's finite upper bounds, ascending; budget: (statements, rows, seconds), -1 for no
- * limit, seconds <= 0 for no deadline. */
+/* gate: (approvals, bounds, budget, status); approvals: ((name, formats, description, bare,
+ * max_rows, template, command), ...) with template None for a prepared statement and command
+ * b"" but for a command approval; bounds: the duration histogram's finite upper bounds,
+ * ascending; budget: (statements, rows, seconds), -1 for no limit, seconds <= 0 for no
+ * deadline; status: the transaction status, 'I' or 'T'. */
 static Gate *
 load_gate(PyObject *spec)
 {
     PyObject *approvals, *bounds;
     long long queries = -1, rows = -1;
     double seconds = 0.0;
-    if (!PyArg_ParseTuple(spec, "O!O!|(LLd);relay gate", &PyTuple_Type, &approvals,
-                          &PyTuple_Type, &bounds, &queries, &rows, &seconds))
+    int status;
+    if (!PyArg_ParseTuple(spec, "O!O!(LLd)C;relay gate", &PyTuple_Type, &approvals,
+                          &PyTuple_Type, &bounds, &queries, &rows, &seconds, &status))
         return NULL;
     if (queries < -1 || rows < -1) {
         PyErr_SetString(PyExc_ValueError, "gate: a budget is a count, or -1 for no limit");
+        return NULL;
+    }
+    if (status != 'I' && status != 'T') {
+        PyErr_SetString(PyExc_ValueError, "gate: the transaction status is 'I' or 'T'");
         return NULL;
     }
     Gate *g = calloc(1, sizeof *g);
@@ -1156,6 +1207,8 @@ load_gate(PyObject *spec)
         return NULL;
     }
     g->inflight = -1;
+    g->status = status;
+    g->bound = -1;
     g->queries_left = queries;
     g->rows_left = rows;
     g->deadline = seconds > 0 ? now_monotonic() + seconds : 0;
@@ -1177,14 +1230,18 @@ load_gate(PyObject *spec)
         }
     }
     for (size_t i = 0; i < g->napprovals; i++) {
-        PyObject *name, *formats, *description, *template;
+        PyObject *name, *formats, *description, *template, *command;
         int bare;
         unsigned long long max_rows;
         Approval *a = &g->approvals[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(approvals, (Py_ssize_t)i), "O!O!O!pKO;relay approval",
-                              &PyBytes_Type, &name, &PyBytes_Type, &formats, &PyBytes_Type,
-                              &description, &bare, &max_rows, &template) ||
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(approvals, (Py_ssize_t)i),
+                              "O!O!O!pKOO!;relay approval", &PyBytes_Type, &name, &PyBytes_Type,
+                              &formats, &PyBytes_Type, &description, &bare, &max_rows, &template,
+                              &PyBytes_Type, &command) ||
             (template != Py_None && load_template(a, template) < 0) ||
+            (PyBytes_GET_SIZE(command) && template == Py_None &&
+             (PyErr_SetString(PyExc_ValueError, "gate: a command approval is a query's"), 1)) ||
+            !(a->command = copy_bytes(command, &a->command_len, "a command tag")) ||
             !(a->name = copy_bytes(name, &a->name_len, "a statement name")) ||
             !(a->formats = copy_bytes(formats, &a->formats_len, "result formats")) ||
             !(a->description = copy_bytes(description, &a->description_len, "a description"))) {

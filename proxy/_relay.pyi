@@ -5,18 +5,22 @@ from proxy.wire.framing import ScanConfig
 ScanTuple = tuple[int, bytes, int, int, int, int, list[tuple[int, int]], int]
 """(skip, head, partial_type, last_type, last_status, tag_seen, counts, bytes)"""
 
-GateTuple = tuple[list[int], list[int], list[int], float, bytes]
-"""(runs, rows, buckets, seconds, request)"""
+GateTuple = tuple[list[int], list[int], list[int], float, bytes, int, str, int, int, int]
+"""(runs, rows, buckets, seconds, request, inflight, status, cleared, bound, bound_described)"""
 
 BackTuple = tuple[int, int, int, ScanTuple, ScanTuple, float, bytes, bytes, bytes, GateTuple | None]
 """(id, why, side, client, server, last_activity, to_client, to_server, chunk, gate)"""
 
 GateSpec = tuple[
-    tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
+    tuple[
+        tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None, bytes], ...
+    ],
     tuple[float, ...],
     tuple[int, int, float],
+    str,
 ]
-"""((name, formats, description, bare, max_rows, template), ...), histogram bounds[, budget]"""
+"""((name, formats, description, bare, max_rows, template, command), ...), histogram bounds,
+budget, transaction status"""
 
 BACK_RECALLED: int
 BACK_CHUNK: int

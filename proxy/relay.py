@@ -45,13 +45,17 @@ AVAILABLE: Final = _relay is not None
 """Whether unrestricted plaintext sessions are relayed in C (`topeng serve` logs it)."""
 
 GateSpec = tuple[
-    tuple[tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None], ...],
+    tuple[
+        tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None, bytes], ...
+    ],
     tuple[float, ...],
     tuple[int, int, float],
+    str,
 ]
 """A gate for `Relay.add`: the approvals (`Approval.spec` of each), the finite upper bounds
-of the duration histogram the thread fills and, for a rate-limited role, the budget the policy
-charged ahead (`GateBudget.spec`: statements, rows, seconds; -1 for no limit)."""
+of the duration histogram the thread fills, the rate budget the policy charged ahead
+(`GateBudget.spec`: statements, rows, seconds; -1 for no limit) and the transaction status
+('I', or 'T' in a transaction block)."""
 
 # Why a session came back (the BACK_* codes of _relay.c), and their metric labels.
 RECALLED, CHUNK, CLOSED, WRITE_ERROR = 0, 1, 2, 3
@@ -89,13 +93,20 @@ class ScanReport:
 class GateReport:
     """What a gated session's thread ran since it last reported: statements run and rows
     sent per approval (in the order given to `add`), the duration histogram's bucket counts
-    and sum, and (when it came back) the request it had forwarded and not seen answered."""
+    and sum, (when it came back) the request it had forwarded and not seen answered, and what
+    its replies changed of the session's state: the transaction status and the unnamed
+    portal."""
 
     runs: list[int]
     rows: list[int]
     buckets: list[int]
     seconds: float
     request: bytes
+    inflight: int  # the approval of that request; -1: none
+    status: str  # the transaction status of the last reply it forwarded (or as handed over)
+    cleared: int  # a transaction ended since it last reported (its portals with it)
+    bound: int  # the approval that last bound the unnamed portal and left it open; -1: none
+    bound_described: int  # ... with a Describe of the portal
 
 
 @dataclass(frozen=True, slots=True)

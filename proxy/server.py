@@ -698,7 +698,12 @@ class Connection:
             # is ending): judged here one by one for a while.
             self._gate_skip = GATE_BUDGET_SKIP
             return
-        spec = (tuple(a.spec() for a in approvals), bounds, budget.spec())
+        spec = (
+            tuple(a.spec() for a in approvals),
+            bounds,
+            budget.spec(),
+            session.transaction_status,
+        )
         if self._hand_over(session.gate_scanners(), spec):
             self._gated = approvals
             self._gate_runs = 0
@@ -729,8 +734,8 @@ class Connection:
         self._gated = None
         if gated is not None:
             assert self.session is not None
-            in_flight = back.gate is not None and bool(back.gate.request)
-            self.session.gate_ended(in_flight)  # before anything is judged again
+            inflight = back.gate.inflight if back.gate is not None else -1
+            self.session.gate_ended(gated, inflight)  # before anything is judged again
         client, upstream = self.client, self.upstream
         assert upstream is not None
         for pipe in (client, upstream):
@@ -797,6 +802,9 @@ class Connection:
                 session.gated(approval, runs, rows)
                 children.executed(approval.decision, runs)
         children.duration.merge(report.buckets, report.seconds)
+        session.gate_moved(
+            gated, report.status, bool(report.cleared), report.bound, bool(report.bound_described)
+        )
 
     def _unrelay(self) -> None:
         """Takes the session back for good (it is ending), before Topeng writes to it."""

@@ -34,12 +34,12 @@ import enum
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
 from proxy.policy.decision import ALLOW, Allow, Decision, Mask, Refuse
-from proxy.policy.template import Template
+from proxy.policy.template import HOLE_END, Template
 from proxy.wire import messages as m
 from proxy.wire.framing import (
     BACKEND_LIMITS,
@@ -334,7 +334,9 @@ class Approval:
     query (`template`): one Query whose text fills the template's holes (see
     proxy/policy/template.py). Either way the reply must describe the rows as `description`
     did (the whole message, byte for byte) and hold at most `max_rows` rows (0: no limit);
-    `decision` is what the policy decided for them.
+    `decision` is what the policy decided for them. A command (`command`): one Query of
+    exactly the template's text (a transaction-control statement: BEGIN, COMMIT, ...), whose
+    reply is exactly that CommandComplete message and a ReadyForQuery.
     """
 
     decision: Decision
@@ -344,10 +346,24 @@ class Approval:
     max_rows: int
     template: Template | None = None
     bare: bool = False  # Bind, Execute, Sync without Describe too (the reply has no description)
+    # A command (a transaction-control Query, its text the template): its CommandComplete.
+    command: bytes = b""
+    # A prepared statement's: the statement and the result formats of its Bind.
+    statement: str = ""
+    result_formats: tuple[int, ...] = ()
 
-    def spec(self) -> tuple[bytes, bytes, bytes, bool, int, Template | None]:
-        """As the C module takes it: (name, formats, description, bare, max_rows, template)."""
-        return self.name, self.formats, self.description, self.bare, self.max_rows, self.template
+    def spec(self) -> tuple[bytes, bytes, bytes, bool, int, Template | None, bytes]:
+        """As the C module takes it: (name, formats, description, bare, max_rows, template,
+        command)."""
+        return (
+            self.name,
+            self.formats,
+            self.description,
+            self.bare,
+            self.max_rows,
+            self.template,
+            self.command,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +416,11 @@ class CopyRewriter(Protocol):
 
 
 _MANY_ROWS: Final = 1 << 62  # "no row limit" for a run of DataRows
+
+# CommandComplete bodies of the transaction-control statements the gate may run itself.
+_TRANSACTION_TAGS: Final = frozenset(
+    {b"BEGIN\0", b"START TRANSACTION\0", b"COMMIT\0", b"ROLLBACK\0", b"SAVEPOINT\0", b"RELEASE\0"}
+)
 
 # ReadyForQuery status bytes and what transaction_status says for each.
 _STATUS: Final = {ord("I"): "I", ord("T"): "T", ord("E"): "E"}
@@ -639,6 +660,9 @@ class Session:
         # Simple queries whose rows passed unchanged, and their RowDescription messages: what
         # the gate may approve as templates (gate_approvals).
         self._simple_passed: dict[str, bytes] = {}
+        # Transaction-control queries (BEGIN, COMMIT, ...) whose whole reply was one
+        # CommandComplete and a ReadyForQuery: text -> that CommandComplete, for the gate.
+        self._simple_commands: dict[str, bytes] = {}
         self._ungateable_at = -1  # the policy generation whose rules allow no gate
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
@@ -858,7 +882,7 @@ class Session:
         """The approvals for the relay thread's gate, or None if the session cannot be handed
         over now (not between requests, or a policy with something to do per statement)."""
         policy, passes = self.policy, self._passes
-        if not self._statements and not self._simple_passed:
+        if not self._statements and not self._simple_passed and not self._simple_commands:
             return None
         if policy is not None and policy.generation == self._ungateable_at:
             return None  # judged so under these rules: no look per chunk (rated roles)
@@ -872,7 +896,7 @@ class Session:
             or self._copy_in
             or self._skipping
             or self._batch_open()
-            or self.transaction_status != "I"
+            or self.transaction_status not in ("I", "T")
             or self._to_client
             or self._to_server
             or self._held_ready is not None
@@ -921,10 +945,30 @@ class Session:
                         description=raw,
                         max_rows=max_rows,
                         bare=bare_too,
+                        statement=stmt.name,
+                        result_formats=result_formats,
                     )
                 )
         if codec != "utf-8":
             return approvals
+        for sql, tag in self._simple_commands.items():
+            verdict = policy.approve_query(sql)
+            if (
+                isinstance(verdict, tuple)
+                and len(verdict) == 1
+                and isinstance(verdict[0], Allow)
+            ):
+                approvals.append(
+                    Approval(
+                        decision=verdict[0],
+                        name=b"",
+                        formats=b"",
+                        description=b"",
+                        max_rows=0,
+                        template=((sql.encode(codec), HOLE_END),),
+                        command=tag,
+                    )
+                )
         for sql, raw in self._simple_passed.items():
             found = self._descriptions.get(raw[5:])
             if found is None:
@@ -995,7 +1039,30 @@ class Session:
             self._counters.queries += runs
         if rows:
             self._counters.rows += rows
-        self._gate_policy().gate_ran(approval.decision, runs, rows)
+        # (a command is charged to no rate, as Python charges none)
+        self._gate_policy().gate_ran(approval.decision, 0 if approval.command else runs, rows)
+
+    def gate_moved(self, approvals: list[Approval], status: str, cleared: bool, bound: int,
+                   described: bool) -> None:
+        """What the replies the relay thread forwarded changed of the session's state, as
+        Python would have seen it: the transaction status; the portals, which ended with a
+        transaction (`cleared`); the unnamed portal, which the Bind of approval `bound` (-1:
+        none) left open inside a transaction block."""
+        self.transaction_status = status
+        if cleared:
+            self._portals.clear()
+        if bound < 0:
+            return
+        approval = approvals[bound]
+        stmt = self._statements.get(approval.statement)
+        if stmt is None:  # (closed since? it cannot be: a Close comes back to Python)
+            self._portals.pop("", None)
+            return
+        portal = Portal("", stmt, approval.result_formats, described=described)
+        if described:
+            found = self._descriptions.get(approval.description[5:])
+            portal.description = None if found is None else found[0]
+        self._portals[""] = portal
 
     def gate_budget(self, release: Callable[[], None]) -> GateBudget | None:
         """The rate budget the relay thread may spend on this session once handed over
@@ -1003,11 +1070,13 @@ class Session:
         takes the session back for another session of the user that needs the budget."""
         return self._gate_policy().reserve_gate(release)
 
-    def gate_ended(self, in_flight: bool = False) -> None:
+    def gate_ended(self, approvals: Sequence[Approval] = (), inflight: int = -1) -> None:
         """Back from the relay thread (or never handed over after `gate_budget`): what the
-        budget held and the thread did not spend is given back. `in_flight`: it came back
-        with a request it forwarded (see `replay_request`)."""
-        self._gate_policy().end_gate(in_flight)
+        budget held and the thread did not spend is given back. `inflight`: the approval of
+        the request it came back with (see `replay_request`), -1 if none; that request stays
+        charged, unless it is a command (charged to no rate, as in Python)."""
+        charged = inflight >= 0 and not approvals[inflight].command
+        self._gate_policy().end_gate(charged)
 
     def _gate_policy(self) -> GatePolicy:
         policy = self.policy
@@ -1602,6 +1671,8 @@ class Session:
             decision = head.decisions[0]
         else:
             return pos
+        if data[pos] == CMD_COMPLETE:
+            return self._whole_command(head, decision, data, pos)
         group = _reply_group(data, pos, self._server.longest, b"T")
         if group is None:
             return pos
@@ -1618,6 +1689,30 @@ class Session:
         head.index += 1
         self._completed(head, decision, count, data, tag, ready)
         self._ready_at(data[ready + 5])
+        return end
+
+    def _whole_command(self, head: Pending, decision: Decision, data: bytes, pos: int) -> int:
+        """A Query of one statement that returns no rows: CommandComplete ReadyForQuery."""
+        group = _reply_group(data, pos, self._server.longest, b"")
+        if group is None or not isinstance(decision, Allow):
+            return pos
+        _, _, count, tag, ready, end = group
+        if count:
+            return pos  # (rows with no description: the general loop says what is wrong)
+        head.index += 1
+        self._completed(head, decision, 0, data, tag, ready)
+        self._ready_at(data[ready + 5])
+        if (
+            head.record is not None
+            and not head.allow_all
+            and data[tag + 5 : ready] in _TRANSACTION_TAGS
+            and data[ready + 5] in (ord("I"), ord("T"))
+        ):
+            # A transaction-control statement: the gate may approve it (gate_approvals).
+            commands = self._simple_commands
+            if len(commands) >= 8 and head.record.sql not in commands:
+                commands.clear()
+            commands[head.record.sql] = data[tag:ready]
         return end
 
     def _whole_exchange(self, bind: Pending, data: bytes, pos: int) -> int:

@@ -246,6 +246,9 @@ def remember(
     prepared: dict[str, Decision],
     cursors: dict[str, Decision],
 ) -> None:
+    if facts.node == "DeallocateStmt" and facts.name is None:
+        prepared.clear()  # DEALLOCATE ALL
+        return
     if facts.name is None:
         return
     if facts.node == "PrepareStmt":
@@ -267,7 +270,10 @@ def judge_statement(
     cursors: Mapping[str, Decision] = _NO_DECISIONS,
 ) -> Decision:
     """The decision for one statement of a (restricted) role."""
-    if role.unrestricted:
+    if role.unrestricted or facts.node == "DeallocateStmt":
+        # DEALLOCATE only drops prepared statements; drivers send it whatever the role
+        # (psycopg: DEALLOCATE ALL after a rollback), and a role without `prepare` has none
+        # of its own to drop.
         return ALLOW
     refused = _kind_gate(facts, role)
     if refused is not None:

@@ -317,6 +317,58 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
     assert delta("topeng_rows_total", role="supervisor") == 45
 
 
+def test_transaction_blocks_go_through_the_gate(start_topeng: StartTopeng) -> None:
+    """psycopg's default, autocommit off: BEGIN before the first statement of each
+    transaction, COMMIT when the client commits. Once the first transaction has passed through
+    Python, the relay thread runs the next ones whole, BEGIN and COMMIT included, so the
+    session rarely comes back; everything is counted as with TOPENG_PURE_PYTHON."""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    lookup = "SELECT id, full_name FROM bank.customers WHERE id = %s"
+    counted = {}
+    for pure in (False, True):
+        proxy = start_topeng(env={"TOPENG_PURE_PYTHON": "1"} if pure else None)
+        _, before = scrape(proxy)
+        dsn = proxy.dsn("spv_budi", DEMO_USERS["spv_budi"])
+        with psycopg.connect(dsn) as conn:  # autocommit off
+            for i in range(1, 61):
+                row = conn.execute(lookup, (i,), prepare=True).fetchone()
+                assert row is not None and row[0] == i
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                if i % 5 == 0:
+                    conn.commit()
+            conn.rollback()  # (nothing open: a no-op for psycopg)
+            # the session is where psycopg thinks it is: a statement after many gated
+            # blocks opens a new one, and an error in it fails only that block
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1/0")
+            conn.rollback()
+            row = conn.execute(lookup, (7,), prepare=True).fetchone()
+            assert row is not None and row[0] == 7
+            conn.commit()
+        wait_until(
+            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 1,
+            "the connection counted as ended ok",
+        )
+        _, after = scrape(proxy)
+        delta = functools.partial(moved, after, before)
+        if pure:
+            assert delta("topeng_relay_handovers_total") == 0
+        else:
+            # 13 transactions; back to Python for the first one's BEGIN and COMMIT, the
+            # statements before approval, the error and its ROLLBACK: a handful, not 26+.
+            chunks = delta("topeng_relay_handbacks_total", reason="chunk")
+            assert 1 <= chunks <= 8, chunks
+        counted[pure] = (
+            delta("topeng_rows_total", role="supervisor"),
+            delta("topeng_queries_total", role="supervisor", decision="allowed"),
+            delta("topeng_query_duration_seconds_count", role="supervisor"),
+        )
+        proxy.stop()
+    assert counted[False] == counted[True], counted
+    assert counted[False][0] == 61
+
+
 def _early_in_a_minute() -> None:
     """Waits, if need be, until the wall-clock minute is at most 40 s old: a rate test's
     charges then all fall in one window of max_rows_per_minute."""

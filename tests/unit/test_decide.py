@@ -8,8 +8,8 @@ import pytest
 from test_policy_fixtures import SEARCH_PATH, bank_catalog, load_test_rules
 
 from proxy.policy.analyze import analyze
-from proxy.policy.decide import judge_sql, judge_statement
-from proxy.policy.decision import ALLOW, Mask, Refuse
+from proxy.policy.decide import judge_sql, judge_statement, remember
+from proxy.policy.decision import ALLOW, Decision, Mask, Refuse
 from proxy.policy.rules import Rules
 
 CATALOG = bank_catalog()
@@ -75,6 +75,16 @@ def test_execute_and_fetch_use_the_callers_maps(rules: Rules) -> None:
     assert judge_statement(fetch, rules, role, cursors={"c": ALLOW}) is ALLOW
     refused = judge_statement(fetch, rules, role)
     assert isinstance(refused, Refuse) and refused.sqlstate == "0A000"
+
+
+def test_deallocate_forgets_what_it_drops(rules: Rules) -> None:
+    prepared: dict[str, Decision] = {"p": ALLOW, "q": Mask({})}
+    (one,) = analyze("DEALLOCATE p", CATALOG, SEARCH_PATH)
+    remember(one, ALLOW, prepared, {})
+    assert list(prepared) == ["q"]
+    (every,) = analyze("DEALLOCATE ALL", CATALOG, SEARCH_PATH)
+    remember(every, ALLOW, prepared, {})
+    assert prepared == {}
 
 
 def test_unrestricted_role_is_allowed_anything(rules: Rules) -> None:

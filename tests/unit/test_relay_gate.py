@@ -14,6 +14,7 @@ PostgreSQL does; a Bind's first parameter says what its Execute returns: a numbe
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -45,6 +46,8 @@ MAX_ROWS = 5
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 MASKED_SQL = "SELECT bid FROM pgbench_accounts WHERE aid = $1"  # bid: labelled here
 BOUNDS = (0.001, 0.01, 0.1, 1.0)
+# Random conversations per hypothesis test (GATE_EXAMPLES=400 for a longer search).
+EXAMPLES = int(os.environ.get("GATE_EXAMPLES", "40"))
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +118,8 @@ class ScriptedServer:
     statements: dict[str, str] = field(default_factory=dict)
     portal_param: bytes = b"1"
     portal_sql: str = SQL
+    portal_open: bool = False  # the unnamed portal exists (dropped at Sync outside a block)
+    portal_left: int | None = None  # rows a suspended portal has left (None: not run yet)
     failed: bool = False  # an error in this batch: skip to Sync
     status: str = "I"  # "T" between BEGIN and COMMIT
     # Called once, before the next reply goes out (the request has reached the server).
@@ -128,6 +133,8 @@ class ScriptedServer:
             kind = chr(mtype)
             if kind == "S":
                 self.failed = False
+                if self.status == "I":
+                    self.portal_open = False
                 out.append(m.ReadyForQuery(self.status).encode())
             elif self.failed:
                 continue
@@ -143,6 +150,7 @@ class ScriptedServer:
                     continue
                 self.portal_sql = self.statements[bind.statement]
                 self.portal_param = (bind.params[0] or b"") if bind.params else b"1"
+                self.portal_open, self.portal_left = True, None
                 out.append(m.frame(b"2", b""))
             elif kind == "D" and bytes(body[:1]) == b"S":
                 sql = self.statements.get(m.Describe.decode(bytes(body)).name)
@@ -156,7 +164,7 @@ class ScriptedServer:
                 out.append(description(self.portal_param, self.portal_sql))
             elif kind == "E":
                 execute = m.Execute.decode(bytes(body))
-                if execute.portal:  # only the unnamed portal is ever bound here
+                if execute.portal or not self.portal_open:  # (only "" is ever bound here)
                     self.failed = True
                     out.append(m.error_response("34000", "portal does not exist"))
                     continue
@@ -177,9 +185,14 @@ class ScriptedServer:
         """A query's reply; `aid = N` gives N % 10 rows, `1/0` an error (as does the poison
         Topeng sends in place of a refused query); BEGIN and COMMIT open and close a
         transaction block."""
-        if sql in ("BEGIN", "COMMIT"):
+        self.portal_open = False  # a Query drops the unnamed portal
+        if sql in ("BEGIN", "COMMIT", "ROLLBACK"):
+            notice = b""
+            if (sql == "BEGIN") == (self.status == "T"):
+                notice = m.frame(b"N", b"SWARNING\0C25001\0Mno transaction change\0\0")
             self.status = "T" if sql == "BEGIN" else "I"
-            return m.CommandComplete(sql).encode() + m.ReadyForQuery(self.status).encode()
+            tag = m.CommandComplete(sql).encode()
+            return notice + tag + m.ReadyForQuery(self.status).encode()
         if "1/0" in sql or sql == POISON_SQL:
             return m.error_response("22012", "division by zero") + m.ReadyForQuery("I").encode()
         digits = sql.split("aid = ", 1)[1].split()[0].rstrip(";") if "aid = " in sql else "1"
@@ -202,7 +215,10 @@ class ScriptedServer:
             parts.append(m.frame(b"N", b"SNOTICE\0C00000\0Mhello\0\0"))
             param = b"1"
         rows = 1 if param in (b"alt", b"same") else int(param)
+        if self.portal_left is not None:
+            rows = self.portal_left  # what a suspended portal has left
         suspended = 0 < max_rows < rows
+        self.portal_left = rows - max_rows if suspended else 0
         if suspended:
             rows = max_rows
         parts += [m.DataRow((str(i).encode(),)).encode() for i in range(rows)]
@@ -213,6 +229,18 @@ class ScriptedServer:
 
 
 # ------------------------------------------------------------------ the driver
+
+# The relay thread of these tests, one as in a Topeng process (a thread lives as long as the
+# process), and which driver each session it holds belongs to.
+_SHARED: list[object] = []
+_OWNERS: dict[int, Driver] = {}
+
+
+def shared_relay() -> object:
+    if not _SHARED:
+        _SHARED.append(_relay.Relay())
+    return _SHARED[0]
+
 
 
 @dataclass
@@ -234,6 +262,7 @@ class Driver:
     last_back: relays.Handback | None = None
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS) + 1))
     budgets: list[GateBudget] = field(default_factory=list)  # held at each hand-over
+    command_runs: int = 0  # of which transaction-control commands
     reclaimed: int = 0  # taken back for another session of the user
 
     def __post_init__(self) -> None:
@@ -241,11 +270,11 @@ class Driver:
         self.server_end, self.server_app = socket.socketpair()
         for s in (self.client_app, self.client_end, self.server_end, self.server_app):
             s.setblocking(False)
-        self.relay = _relay.Relay()
+        self.relay = shared_relay()
 
     def close(self) -> None:
         if self.rid is not None:
-            self._back(self.relay.recall(self.rid))  # type: ignore[attr-defined]
+            self._back(self._recall())
         for s in (self.client_app, self.client_end, self.server_end, self.server_app):
             s.close()
 
@@ -261,7 +290,12 @@ class Driver:
         self.budgets.append(budget)
         cscan, sscan = self.session.gate_scanners()
         self.approvals = approvals
-        spec = (tuple(a.spec() for a in approvals), BOUNDS, budget.spec())
+        spec = (
+            tuple(a.spec() for a in approvals),
+            BOUNDS,
+            budget.spec(),
+            self.session.transaction_status,
+        )
         self.rid = self.relay.add(  # type: ignore[attr-defined]
             self.client_end.fileno(),
             self.server_end.fileno(),
@@ -271,13 +305,20 @@ class Driver:
             sscan.relay_state(),
             spec,
         )
+        _OWNERS[self.rid] = self
         self.handovers += 1
 
     def reclaim(self) -> None:
         """Another session of the user needs the budget held (Connection.ungate)."""
         if self.rid is not None:
             self.reclaimed += 1
-            self._back(self.relay.recall(self.rid))  # type: ignore[attr-defined]
+            self._back(self._recall())
+
+    def _recall(self) -> _relay.BackTuple:
+        assert self.rid is not None
+        _OWNERS.pop(self.rid, None)
+        back: _relay.BackTuple = self.relay.recall(self.rid)  # type: ignore[attr-defined]
+        return back
 
     def _back(self, item: _relay.BackTuple) -> None:
         back = relays._handback(item)[1]
@@ -285,7 +326,7 @@ class Driver:
         self.rid = None
         self.handbacks += 1
         self._absorb(back)
-        self.session.gate_ended(back.gate is not None and bool(back.gate.request))
+        self.session.gate_ended(self.approvals, back.gate.inflight if back.gate else -1)
         send_all(self.client_end, back.to_client)
         send_all(self.server_end, back.to_server)
         assert back.gate is not None
@@ -305,10 +346,19 @@ class Driver:
         ):
             self.runs += runs
             self.rows_gated += rows
+            if approval.command:
+                self.command_runs += runs
             if runs:
                 self.session.gated(approval, runs, rows)
         for i, n in enumerate(back.gate.buckets):
             self.buckets[i] += n
+        self.session.gate_moved(
+            self.approvals,
+            back.gate.status,
+            bool(back.gate.cleared),
+            back.gate.bound,
+            bool(back.gate.bound_described),
+        )
 
     def _from_client(self, data: bytes) -> None:
         send_all(self.server_end, self.session.from_client(data))
@@ -322,7 +372,9 @@ class Driver:
 
     def service(self) -> None:
         for item in self.relay.take():  # type: ignore[attr-defined]
-            self._back(item)
+            owner = _OWNERS.pop(item[0], None)  # (another driver's, when two share the thread)
+            if owner is not None:
+                owner._back(item)
         if self.rid is not None:
             return
         for src, handle in (
@@ -482,18 +534,35 @@ def test_runs_with_a_row_count_run_in_the_thread(tmp_rules: Path) -> None:
     assert g.session.counters.rows == p.session.counters.rows == 10 + 1 + 0 + 4 + 1
 
 
-def test_statements_in_a_transaction_block_stay_in_python(tmp_rules: Path) -> None:
-    """No portal may outlive a round trip the thread ran (Python would not know it): inside
-    BEGIN ... COMMIT nothing is gated, and after COMMIT the thread takes over again."""
-    begin, commit = m.Query("BEGIN").encode(), m.Query("COMMIT").encode()
-    inside = [run("s1", b"1") for _ in range(6)] + [run("s1", b"3", max_rows=1)] + [query(1)] * 3
-    steps = [parse("s1"), run("s1", b"1"), run("s1", b"1"), begin, *inside, commit]
-    after = [run("s1", b"1") for _ in range(4)]
-    gated, g = converse(tmp_rules, [*steps, *after], gated=True)
-    plain, _ = converse(tmp_rules, [*steps, *after], gated=False)
+BEGIN, COMMIT, ROLLBACK = (m.Query(sql).encode() for sql in ("BEGIN", "COMMIT", "ROLLBACK"))
+GO_ON = m.Execute("", 1).encode() + m.frame(b"S", b"")  # the open unnamed portal, one more row
+
+
+def test_a_transaction_block_runs_in_the_thread_with_its_begin_and_commit(
+    tmp_rules: Path,
+) -> None:
+    """psycopg's default (autocommit off): BEGIN, statements, COMMIT. Once BEGIN and COMMIT
+    have been seen in Python, the thread runs them too, and the statements in between. The
+    unnamed portal outlives a round trip inside a block: a portal the thread left suspended is
+    run on (Execute without Bind) in Python, which knows it from the thread's report."""
+    first = [BEGIN, run("s1", b"1"), run("s1", b"1"), COMMIT]
+    inside = [run("s1", b"1")] * 4 + [query(1)] * 3 + [run("s1", b"3", max_rows=1), GO_ON, GO_ON]
+    blocks = [parse("s1"), *first, *([BEGIN, *inside, COMMIT] * 3)]
+    # After COMMIT the portal is gone: running it on fails on the server.
+    steps = [*blocks, GO_ON, ROLLBACK, BEGIN, BEGIN]
+    gated, g = converse(tmp_rules, steps, gated=True)
+    plain, p = converse(tmp_rules, steps, gated=False)
     assert gated == plain
-    assert m.ReadyForQuery("T").encode() in gated[len(steps) - 2]
-    assert g.runs == 4, "only the four runs after COMMIT"
+    assert g.session.counters.rows == p.session.counters.rows
+    assert g.session.transaction_status == p.session.transaction_status == "T"
+    assert b"0A000" not in b"".join(gated), "no portal went unknown to Topeng"
+    assert b"34000" in gated[len(blocks)]
+    # The transaction status is the one of the last reply the thread forwarded (COMMIT's).
+    _, last = converse(tmp_rules, blocks, gated=True)
+    assert last.last_back is not None and last.last_back.why == relays.RECALLED
+    assert last.session.transaction_status == "I"
+    assert g.command_runs >= 5, "BEGIN and COMMIT ran in the thread"
+    assert g.runs - g.command_runs >= 15, "and the statements between them"
 
 
 def test_runs_without_describe_of_an_undescribed_statement_stay_in_python(
@@ -753,15 +822,19 @@ STEP = st.sampled_from(
         query("'7'"),
         m.Query("SELECT abalance FROM pgbench_accounts WHERE aid = 1/0").encode(),
         m.Close("S", "s2").encode() + m.frame(b"S", b""),
-        m.Query("BEGIN").encode(),
-        m.Query("COMMIT").encode(),
+        BEGIN,
+        COMMIT,
+        ROLLBACK,
+        GO_ON,
         parse("s2"),
     ]
 )
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.lists(STEP, min_size=1, max_size=12))
 def test_any_conversation_is_the_same_with_the_gate(tmp_rules: Path, steps: list[bytes]) -> None:
@@ -774,7 +847,9 @@ def test_any_conversation_is_the_same_with_the_gate(tmp_rules: Path, steps: list
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.lists(STEP, min_size=1, max_size=16))
 def test_any_conversation_of_a_rated_role_is_the_same_with_the_gate(
