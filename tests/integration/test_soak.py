@@ -1,9 +1,10 @@
 """Soak: many concurrent sessions with a mixed workload while the rules are reloaded.
 
 Strategy: N client tasks (asyncpg) keep reconnecting and running a mix for a bounded time:
-- agent_citra (restricted): masked lookups by id and by NIK, a refused column (42501), an
-  over-limit result (54000), an unmasked lookup (which the relay thread's gate runs once the
-  connection has run it twice);
+- agent_citra (restricted, with a rows-per-minute budget it never exhausts): masked lookups by
+  id and by NIK, a refused column (42501), an over-limit result (54000), an unmasked lookup
+  (which the relay thread's gate runs once the connection has run it twice, spending a share
+  of the user's budget held ahead), and such lookups in a transaction block;
 - dba_ani (unrestricted, fast path): a prepared statement, COPY into a scratch table
   (copy_records_to_table), an error (22012).
 Meanwhile the rules file is rewritten every second, alternating two valid variants (the NIK
@@ -53,8 +54,12 @@ EXPECTED = {"42501", "54000", "22012"}
 def rules_variant(keep: int) -> str:
     text = BANK_RULES.read_text()
     assert KEEP[6] in text
-    # No per-minute budget: the soak's hundreds of agent sessions share one user.
-    text = re.sub(r"\n\s*max_rows_per_minute:[^\n]*", "", text)
+    # A per-minute budget the soak's hundreds of agent sessions (one user) never exhaust:
+    # their gated sessions hold shares of it ahead, and give them back at every reload.
+    text, found = re.subn(
+        r"\n(\s*)max_rows_per_minute:[^\n]*", r"\n\1max_rows_per_minute: 100000000", text
+    )
+    assert found == 1
     return text.replace(KEEP[6], KEEP[keep])
 
 
@@ -101,7 +106,7 @@ class Soak:
 
     async def agent_op(self, conn: asyncpg.Connection, rng: random.Random) -> None:
         ident = rng.choice(list(self.niks))
-        choice = rng.randrange(12)
+        choice = rng.randrange(13)
         if choice < 6:
             masked = await conn.fetchval("SELECT nik FROM customers WHERE id = $1", ident)
             self.check_mask(ident, masked)
@@ -114,11 +119,19 @@ class Soak:
             await conn.fetch("SELECT nama_ibu_kandung FROM customers WHERE id = $1", ident)
         elif choice == 9:
             await conn.fetch("SELECT id FROM customers")
-        else:
+        elif choice < 12:
             # Unmasked, and repeated on the connection: the relay thread's gate runs it.
-            row = await conn.fetchrow("SELECT id, city FROM customers WHERE id = $1", ident)
-            if row is None or row["id"] != ident:
-                self.unexpected.append(f"the lookup of {ident} gave {row!r}")
+            await self.lookup(conn, ident)
+        else:
+            # The same in a transaction block: the gate runs BEGIN and COMMIT too.
+            async with conn.transaction():
+                for _ in range(rng.randint(1, 3)):
+                    await self.lookup(conn, rng.choice(list(self.niks)))
+
+    async def lookup(self, conn: asyncpg.Connection, ident: int) -> None:
+        row = await conn.fetchrow("SELECT id, city FROM customers WHERE id = $1", ident)
+        if row is None or row["id"] != ident:
+            self.unexpected.append(f"the lookup of {ident} gave {row!r}")
 
     def check_mask(self, ident: int, masked: str) -> None:
         allowed = masks_of(self.niks[ident])
