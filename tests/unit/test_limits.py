@@ -125,6 +125,66 @@ def test_a_charge_larger_than_the_limit_never_fits() -> None:
     assert out is not None and out.retry_after == MINUTE
 
 
+def test_a_hold_is_charged_to_its_window_and_given_back_there() -> None:
+    """The relay gate's holds (RestrictedPolicy.reserve_gate): charged ahead to the window in
+    force, given back to that same window even after it has ended."""
+    clock = Clock(60 * 1000 + 45)
+    lim = Limiter(MemoryStore(), clock=clock)
+    assert lim.seconds_left(MINUTE) == 15
+    assert lim.seconds_left(HOUR) == 3600 - (60 * 1000 + 45) % 3600
+    slot = lim.slot("rows:u", MINUTE)
+    lim.charge(slot, 8)  # held ahead
+    assert lim.used("rows:u", MINUTE) == 8
+    clock.now += 45  # half-way into the next minute; 3 of the 8 were used
+    lim.charge(slot, 3 - 8)
+    assert lim.store.get(slot) == 3
+    assert lim.store.get(lim.slot("rows:u", MINUTE)) == 0
+    assert lim.used("rows:u", MINUTE) == 2  # 3 in the previous minute, half of it counts
+
+
+def test_a_failing_check_may_take_holds_back_once() -> None:
+    lim = Limiter(MemoryStore(), clock=Clock())
+    released: list[str] = []
+
+    def release_a() -> None:
+        released.append("a")
+        lim.unhold("rows:u", release_a)
+
+    def release_b() -> None:
+        released.append("b")
+        lim.unhold("rows:u", release_b)
+        lim.unhold("queries:u", release_b)
+
+    lim.hold("rows:u", release_a)
+    lim.hold("rows:u", release_b)
+    lim.hold("queries:u", release_b)
+    assert lim.held("rows:u") and lim.held("queries:u")
+    assert not lim.reclaim("rows:other")
+    assert lim.reclaim("rows:u")
+    assert sorted(released) == ["a", "b"]
+    assert not lim.held("rows:u") and not lim.held("queries:u"), "b gave all of its hold back"
+    assert not lim.reclaim("rows:u"), "nothing is held any more"
+
+
+def test_redis_store_takes_back_what_a_hold_gave_back() -> None:
+    server = FakeRedis()
+    clock = Clock()
+    a = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
+    b = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
+    assert isinstance(a.store, RedisStore) and isinstance(b.store, RedisStore)
+    assert b.used("rows:u", MINUTE) == 0  # (b reads the counter: its syncs fetch it)
+    slot = a.slot("rows:u", MINUTE)
+    a.charge(slot, 12)  # held ahead
+    asyncio.run(a.store.sync_once(server))
+    asyncio.run(b.store.sync_once(server))
+    assert b.used("rows:u", MINUTE) == 12, "the other process sees the hold as used"
+    a.charge(slot, 5 - 12)  # 5 used, 7 given back
+    asyncio.run(a.store.sync_once(server))
+    asyncio.run(b.store.sync_once(server))
+    assert a.used("rows:u", MINUTE) == b.used("rows:u", MINUTE) == 5
+    assert sum(server.data.values()) == 5
+
+
 def test_make_limiter_backends(rules: Rules) -> None:
     assert make_limiter(rules).backend == "memory"
     assert make_limiter("redis://127.0.0.1:1/0").backend == "redis"
