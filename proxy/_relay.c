@@ -185,6 +185,8 @@ typedef struct {
     pthread_mutex_t lock;
     Session **table;
     size_t ntable, cap;
+    size_t *free_slots; /* indexes of FREE slots in the table, a stack (room for cap) */
+    size_t nfree;
     Session *back_head, *back_tail;
     unsigned char *buf;       /* the thread's read buffer */
     unsigned char *seen;      /* the types of one chunk's headers, counted if it is forwarded */
@@ -1091,6 +1093,7 @@ free_session(Relay *r, size_t index)
     s->side[SERVER].out_len = s->side[SERVER].out_off = s->side[SERVER].out_cap = 0;
     s->state = FREE;
     s->gen++; /* stale epoll events for this slot no longer match */
+    r->free_slots[r->nfree++] = index; /* (it has room for every slot of the table) */
 }
 
 static void
@@ -1274,22 +1277,21 @@ Relay_add(Relay *r, PyObject *args)
     }
     pthread_mutex_lock(&r->lock);
     size_t index = r->ntable;
-    for (size_t i = 0; i < r->ntable; i++) {
-        if (r->table[i]->state == FREE) {
-            index = i;
-            break;
-        }
-    }
+    if (r->nfree)
+        index = r->free_slots[--r->nfree];
     if (index == r->ntable) {
         if (r->ntable == r->cap) {
             size_t cap = r->cap ? r->cap * 2 : 64;
             Session **grown = realloc(r->table, cap * sizeof *grown);
-            if (!grown) {
+            if (grown)
+                r->table = grown;
+            size_t *slots = grown ? realloc(r->free_slots, cap * sizeof *slots) : NULL;
+            if (!slots) {
                 pthread_mutex_unlock(&r->lock);
                 free_gate(fresh.gate);
                 return PyErr_NoMemory();
             }
-            r->table = grown;
+            r->free_slots = slots;
             r->cap = cap;
         }
         Session *slot = calloc(1, sizeof *slot);
@@ -1465,6 +1467,7 @@ Relay_dealloc(Relay *r)
             free(r->table[i]);
         }
         free(r->table);
+        free(r->free_slots);
         free(r->buf);
         free(r->seen);
         if (r->epfd >= 0)

@@ -500,3 +500,37 @@ def test_sessions_sharing_the_relay_keep_their_own_bytes() -> None:
         for d in drivers:
             d.close()
         hub.close()
+
+
+def test_slots_are_taken_again_and_the_table_grows() -> None:
+    """150 sessions at once (the slot table starts with room for 64), all taken back, then
+    handed over again: they take the same slots again, and each still relays its own bytes."""
+    hub = Hub()
+    drivers = [Driver(hub=hub) for _ in range(150)]
+    try:
+        slots = {d.rid & 0xFFFFFFFF for d in drivers if d.rid is not None}
+        assert len(slots) == 150 and hub.wrapper.active() == 150
+        for d in drivers[::2]:
+            d.recall()
+        assert hub.wrapper.active() == 75
+        for d in drivers[::2]:
+            d.hand_over()
+        assert {d.rid & 0xFFFFFFFF for d in drivers if d.rid is not None} == slots
+        assert hub.wrapper.active() == 150
+        for i, d in enumerate(drivers):
+            d.server_app.send(msg("D", f"row {i}".encode()))
+        deadline = time.monotonic() + 20
+        for i, d in enumerate(drivers):
+            want = msg("D", f"row {i}".encode())
+            got = b""
+            while len(got) < len(want):
+                assert time.monotonic() < deadline, f"session {i}"
+                try:
+                    got += d.client_app.recv(1 << 16)
+                except BlockingIOError:
+                    time.sleep(0.001)
+            assert got == want
+    finally:
+        for d in drivers:
+            d.close()
+        hub.close()
