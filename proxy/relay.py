@@ -35,27 +35,17 @@ from proxy.observe import metrics
 from proxy.wire.framing import MessageScanner
 
 if TYPE_CHECKING:
-    from proxy._relay import BackTuple
+    # GateSpec, a gate for `Relay.add`: the approvals (`Approval.spec` of each), the finite
+    # upper bounds of the duration histogram the thread fills, the rate budget the policy
+    # charged ahead (`GateBudget.spec`) and the transaction status ('I', or 'T' in a block).
+    from proxy._relay import BackTuple, GateSpec
 
-__all__ = ["AVAILABLE", "GateReport", "GateSpec", "Handback", "Relay", "ScanReport"]
+__all__ = ["AVAILABLE", "GateReport", "Handback", "Relay", "ScanReport"]
 
 
 _relay: Final = native.load("proxy._relay")
 AVAILABLE: Final = _relay is not None
 """Whether unrestricted plaintext sessions are relayed in C (`topeng serve` logs it)."""
-
-GateSpec = tuple[
-    tuple[
-        tuple[bytes, bytes, bytes, bool, int, tuple[tuple[bytes, int], ...] | None, bytes], ...
-    ],
-    tuple[float, ...],
-    tuple[int, int, float],
-    str,
-]
-"""A gate for `Relay.add`: the approvals (`Approval.spec` of each), the finite upper bounds
-of the duration histogram the thread fills, the rate budget the policy charged ahead
-(`GateBudget.spec`: statements, rows, seconds; -1 for no limit) and the transaction status
-('I', or 'T' in a transaction block)."""
 
 # Why a session came back (the BACK_* codes of _relay.c), and their metric labels.
 RECALLED, CHUNK, CLOSED, WRITE_ERROR = 0, 1, 2, 3

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy import relay as relays
 from proxy.config import Config
@@ -69,6 +69,9 @@ from proxy.wire.startup import (
     StartupMessage,
     decode_startup_packet,
 )
+
+if TYPE_CHECKING:
+    from proxy._relay import GateSpec
 
 log = logging.getLogger("topeng")
 
@@ -649,7 +652,7 @@ class Connection:
     def _hand_over(
         self,
         scanners: tuple[MessageScanner, MessageScanner],
-        gate: relays.GateSpec | None = None,
+        gate: GateSpec | None = None,
     ) -> bool:
         relay, fds, upstream = self.proxy.relay, self._relay_fds, self.upstream
         assert relay is not None and fds is not None and upstream is not None
@@ -692,7 +695,7 @@ class Connection:
         if not children.duration.bounds:
             return  # the duration histogram could not take the thread's counts
         bounds = tuple(children.duration.bounds[:-1])  # (the last is +Inf)
-        budget = session.gate_budget(self._reclaim_gate)
+        budget = session.gate_budget(self.ungate)  # (another session of the user needs it)
         if budget is None:
             # Too little of the user's rate budget left to hold a share ahead (or its window
             # is ending): judged here one by one for a while.
@@ -710,13 +713,10 @@ class Connection:
         else:
             session.gate_ended()
 
-    def _reclaim_gate(self) -> None:
-        """Another session of the user needs the rate budget this gated one holds."""
-        self.ungate()
-
     def ungate(self) -> None:
         """Takes a gated session back from the relay thread (the rules were reloaded: its
-        approvals were made under the old ones)."""
+        approvals were made under the old ones; or another session of the user needs the rate
+        budget it holds)."""
         rid, relay = self._relay_id, self.proxy.relay
         if self._gated is not None and rid is not None and relay is not None:
             self._relay_back(relay.recall(rid))

@@ -667,33 +667,28 @@ class RestrictedPolicy:
         role = self.role
         if limiter is None or not self._rated:
             return UNLIMITED_GATE
-        wanted: list[tuple[str, int, int]] = []  # (key, limit, window seconds)
-        if role.max_queries_per_minute:
-            wanted.append((f"queries:{self.user}", role.max_queries_per_minute, MINUTE))
-        wanted += [(f"rows:{self.user}", limit, window) for _, limit, window in self._row_windows()]
-        seconds = min(limiter.seconds_left(window) for _, _, window in wanted)
+        qkey, rkey = f"queries:{self.user}", f"rows:{self.user}"
+        counters = [(qkey, limit, MINUTE) for limit in (role.max_queries_per_minute,) if limit]
+        counters += [(rkey, limit, window) for _, limit, window in self._row_windows()]
+        seconds = min(limiter.seconds_left(window) for _, _, window in counters)
         if seconds < GATE_MIN_SECONDS:
             return None
-        queries = rows = -1
-        for key, limit, window in wanted:
+        shares = {qkey: -1, rkey: -1}  # the least share of each key's windows; -1: no limit
+        for key, limit, window in counters:
             share = limiter.remaining(key, limit, window) // GATE_SHARE
             if share < GATE_MIN_SHARE:
                 return None
-            if key.startswith("queries:"):
-                queries = share
-            else:
-                rows = share if rows < 0 else min(rows, share)
+            shares[key] = share if shares[key] < 0 else min(shares[key], share)
         charges = []
-        for key, _, window in wanted:
-            is_rows = key.startswith("rows:")
+        for key, _, window in counters:
             slot = limiter.slot(key, window)
-            limiter.charge(slot, rows if is_rows else queries)
-            charges.append((slot, rows if is_rows else queries, is_rows))
-        hold = _GateHold(release, tuple(dict.fromkeys(key for key, _, _ in wanted)), charges)
+            limiter.charge(slot, shares[key])
+            charges.append((slot, shares[key], key == rkey))
+        hold = _GateHold(release, tuple(dict.fromkeys(key for key, _, _ in counters)), charges)
         for key in hold.keys:
             limiter.hold(key, release)
         self._hold = hold
-        return GateBudget(queries, rows, seconds)
+        return GateBudget(shares[qkey], shares[rkey], seconds)
 
     def gate_ran(self, decision: Decision, runs: int, rows: int) -> None:
         """The relay thread ran `runs` statements of this session, which sent `rows` rows:

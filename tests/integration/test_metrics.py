@@ -8,10 +8,13 @@ both workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import re
 import shutil
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -90,6 +93,17 @@ def moved(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def moved_since(proxy: TopengProcess, before: Samples, *, ended: int) -> Callable[..., float]:
+    """Once `ended` connections are counted as ended ok: how far a sample (name, labels) has
+    moved since the scrape `before`."""
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="ok") == ended,
+        f"{ended} connection(s) counted as ended ok",
+    )
+    _, after = scrape(proxy)
+    return functools.partial(moved, after, before)
+
+
 def connect(proxy: TopengProcess, user: str) -> psycopg.Connection[tuple[object, ...]]:
     return psycopg.connect(proxy.dsn(user, DEMO_USERS[user]), autocommit=True)
 
@@ -129,14 +143,8 @@ def test_traffic_moves_each_metric(start_topeng: StartTopeng) -> None:
         )
         _, during = scrape(proxy)
         assert value(during, "topeng_client_connections") == 1
-    wait_until(
-        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="ok") == 2,
-        "both connections counted as ended ok",
-    )
+    delta = moved_since(proxy, before, ended=2)
     _, after = scrape(proxy)
-
-    delta = functools.partial(moved, after, before)
-
     assert value(after, "topeng_client_connections") == 0
     assert value(after, "topeng_sessions") == 0
     assert delta("topeng_queries_total", role="agent", decision="masked") == 1
@@ -179,13 +187,7 @@ def test_unrestricted_sessions_go_through_the_c_relay(start_topeng: StartTopeng)
             with pytest.raises(psycopg.errors.DivisionByZero):
                 conn.execute("SELECT 1/0")
             assert conn.execute("SELECT count(*) FROM bank.customers").fetchone() == (2000,)
-        wait_until(
-            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 1,
-            "the connection counted as ended ok",
-        )
-        _, after = scrape(proxy)
-
-        delta = functools.partial(moved, after, before)
+        delta = moved_since(proxy, before, ended=1)
 
         handovers = delta("topeng_relay_handovers_total")
         chunk_backs = delta("topeng_relay_handbacks_total", reason="chunk")
@@ -303,13 +305,7 @@ def test_asyncpg_prepared_statements_go_through_the_gate(start_topeng: StartTope
             await conn.close()
 
     asyncio.run(traffic())
-    wait_until(
-        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="ok") == 1,
-        "the connection counted as ended ok",
-    )
-    _, after = scrape(proxy)
-
-    delta = functools.partial(moved, after, before)
+    delta = moved_since(proxy, before, ended=1)
 
     assert delta("topeng_relay_handovers_total") >= 1
     assert delta("topeng_queries_total", role="supervisor", decision="allowed") >= 40
@@ -346,12 +342,7 @@ def test_transaction_blocks_go_through_the_gate(start_topeng: StartTopeng) -> No
             row = conn.execute(lookup, (7,), prepare=True).fetchone()
             assert row is not None and row[0] == 7
             conn.commit()
-        wait_until(
-            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 1,
-            "the connection counted as ended ok",
-        )
-        _, after = scrape(proxy)
-        delta = functools.partial(moved, after, before)
+        delta = moved_since(proxy, before, ended=1)
         if pure:
             assert delta("topeng_relay_handovers_total") == 0
         else:
@@ -413,12 +404,7 @@ def test_rate_limited_lookups_go_through_the_gate_and_the_limit_holds_exactly(
             assert "max_rows_per_minute (120 rows) is exhausted" in str(refused.value)
             with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
                 first.execute(lookup, (1,), prepare=True)
-        wait_until(
-            lambda p=proxy: value(scrape(p)[1], "topeng_connections_total", result="ok") == 2,
-            "both sessions counted as ended ok",
-        )
-        _, after = scrape(proxy)
-        delta = functools.partial(moved, after, before)
+        delta = moved_since(proxy, before, ended=2)
         if pure:
             assert delta("topeng_relay_handovers_total") == 0
         else:
@@ -433,6 +419,62 @@ def test_rate_limited_lookups_go_through_the_gate_and_the_limit_holds_exactly(
         )
         proxy.stop()
     assert counted[False] == counted[True] == (60, 120, 2), counted
+
+
+def test_a_gated_session_that_vanishes_gives_its_rate_budget_back(
+    start_topeng: StartTopeng, tmp_path: Path
+) -> None:
+    """An agent (120 rows a minute) whose lookups the relay thread runs on a budget held
+    ahead vanishes without a goodbye (its socket shut down under psycopg): Topeng ends that
+    session only, and gives the unused budget back, so another session of the same user
+    gets exactly the other rows."""
+    if not relays.AVAILABLE:
+        needs_tool("the C module proxy._relay is not built (pip install -e . builds it)")
+    text = BANK_RULES.read_text()
+    limits = "    max_rows_per_minute: 600 "
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(text.replace(limits, "    max_rows_per_minute: 120 "))
+    proxy = start_topeng(rules=rules)
+    _early_in_a_minute()
+    _, before = scrape(proxy)
+    lookup = "SELECT id, city FROM bank.customers WHERE id = %s"
+
+    def in_the_thread() -> float:
+        _, now = scrape(proxy)
+        back = sum(
+            value(now, "topeng_relay_handbacks_total", reason=r)
+            for r in ("chunk", "closed", "recalled", "write_error")
+        )
+        return value(now, "topeng_relay_handovers_total") - back
+
+    gone = connect(proxy, "agent_citra")
+    for i in range(1, 31):
+        row = gone.execute(lookup, (i,), prepare=True).fetchone()
+        assert row is not None and row[0] == i
+    wait_until(lambda: in_the_thread() == 1, "the session in the relay thread, on a budget")
+    # The socket goes away under the client: no Terminate message.
+    socket.socket(fileno=os.dup(gone.fileno())).shutdown(socket.SHUT_RDWR)
+    wait_until(
+        lambda: value(scrape(proxy)[1], "topeng_connections_total", result="client_gone") == 1,
+        "the vanished session ended",
+    )
+    assert in_the_thread() == 0
+    with contextlib.suppress(psycopg.Error):
+        gone.close()
+    served = 0
+    with connect(proxy, "agent_citra") as conn:
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
+            for i in range(1, 200):
+                row = conn.execute(lookup, (i,), prepare=True).fetchone()
+                assert row is not None and row[0] == i
+                served += 1
+        # the session goes on (a statement that reads no rows needs no budget)
+        conn.execute("SET application_name = 'after'")
+        assert conn.info.parameter_status("application_name") == "after"
+    assert served == 90
+    _, after = scrape(proxy)
+    assert moved(after, before, "topeng_relay_handovers_total") >= 1
+    assert moved(after, before, "topeng_rows_total", role="agent") == 120
 
 
 def test_rules_reload_metrics(start_topeng: StartTopeng, tmp_path: Path) -> None:

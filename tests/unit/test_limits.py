@@ -166,25 +166,6 @@ def test_a_failing_check_may_take_holds_back_once() -> None:
     assert not lim.reclaim("rows:u"), "nothing is held any more"
 
 
-def test_redis_store_takes_back_what_a_hold_gave_back() -> None:
-    server = FakeRedis()
-    clock = Clock()
-    a = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
-    b = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
-    assert isinstance(a.store, RedisStore) and isinstance(b.store, RedisStore)
-    assert b.used("rows:u", MINUTE) == 0  # (b reads the counter: its syncs fetch it)
-    slot = a.slot("rows:u", MINUTE)
-    a.charge(slot, 12)  # held ahead
-    asyncio.run(a.store.sync_once(server))
-    asyncio.run(b.store.sync_once(server))
-    assert b.used("rows:u", MINUTE) == 12, "the other process sees the hold as used"
-    a.charge(slot, 5 - 12)  # 5 used, 7 given back
-    asyncio.run(a.store.sync_once(server))
-    asyncio.run(b.store.sync_once(server))
-    assert a.used("rows:u", MINUTE) == b.used("rows:u", MINUTE) == 5
-    assert sum(server.data.values()) == 5
-
-
 def test_make_limiter_backends(rules: Rules) -> None:
     assert make_limiter(rules).backend == "memory"
     assert make_limiter("redis://127.0.0.1:1/0").backend == "redis"
@@ -239,24 +220,46 @@ class FakeRedis:
         return True
 
 
-def test_redis_store_shares_counts_between_processes() -> None:
-    server = FakeRedis()
+def two_processes() -> tuple[FakeRedis, Limiter, Limiter]:
+    """One Redis server and two processes' limiters on it, with one clock."""
     clock = Clock()
     a = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
     b = Limiter(RedisStore("redis://x", clock=clock), clock=clock)
-    assert isinstance(a.store, RedisStore) and isinstance(b.store, RedisStore)
+    return FakeRedis(), a, b
+
+
+def sync(server: FakeRedis, *limiters: Limiter) -> None:
+    """Each limiter's background synchronisation, once, in this order."""
+    for limiter in limiters:
+        assert isinstance(limiter.store, RedisStore)
+        asyncio.run(limiter.store.sync_once(server))
+
+
+def test_redis_store_shares_counts_between_processes() -> None:
+    server, a, b = two_processes()
     a.add("rows:u", MINUTE, 7)
     assert a.used("rows:u", MINUTE) == 7  # local, not yet synced
     assert b.used("rows:u", MINUTE) == 0
-    asyncio.run(a.store.sync_once(server))
-    asyncio.run(b.store.sync_once(server))
+    sync(server, a, b)
     assert b.used("rows:u", MINUTE) == 7
     b.add("rows:u", MINUTE, 3)
-    asyncio.run(b.store.sync_once(server))
-    asyncio.run(a.store.sync_once(server))
+    sync(server, b, a)
     assert a.used("rows:u", MINUTE) == 10 and b.used("rows:u", MINUTE) == 10
     assert all(v == 2 * MINUTE + 60 for v in server.expires.values())
     assert sum(server.data.values()) == 10
+
+
+def test_redis_store_takes_back_what_a_hold_gave_back() -> None:
+    server, a, b = two_processes()
+    assert b.used("rows:u", MINUTE) == 0  # (b reads the counter: its syncs fetch it)
+    slot = a.slot("rows:u", MINUTE)
+    a.charge(slot, 12)  # held ahead
+    sync(server, a, b)
+    assert b.used("rows:u", MINUTE) == 12, "the other process sees the hold as used"
+    a.charge(slot, 5 - 12)  # 5 used, 7 given back
+    sync(server, a, b)
+    assert a.used("rows:u", MINUTE) == b.used("rows:u", MINUTE) == 5
+    assert sum(server.data.values()) == 5
 
 
 def test_redis_store_keeps_limiting_while_redis_is_down() -> None:

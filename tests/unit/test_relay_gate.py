@@ -1079,3 +1079,38 @@ def test_a_request_in_flight_when_the_rules_change_is_judged_by_the_rules_it_wen
     assert held == scenario(False)
     assert b"\x00\x01\x00\x00\x00\x010" in held[-2], "the run in flight sends its row"
     assert b"42501" in held[-1], "the next run is refused by the new rules"
+
+
+@pytest.mark.parametrize("gone", ["client", "server"])
+def test_a_session_that_ends_while_gated_gives_its_budget_back(tmp_rules: Path, gone: str) -> None:
+    """The client vanishes, or the server closes with a request in flight, while the thread
+    holds a rated session's budget: the session comes back, nothing more is held, and what
+    stays charged is what was used (and the statement in flight, which was sent)."""
+    limiter = frozen_limiter()
+    d = Driver(ready_session(policy(rules(tmp_rules, RATES), limiter)), gated=True)
+    try:
+        for step in [parse("s1")] + [run("s1", b"1")] * 3:  # 2 in Python, 1 in the thread
+            d.exchange(step)
+        assert d.rid is not None and d.budgets == [GateBudget(7, 4, 40.0)]
+        assert limiter.held("rows:bench_agent")
+        if gone == "client":
+            d.client_app.close()
+        else:
+            send_all(d.client_app, run("s1", b"1"))
+            deadline = time.monotonic() + 10
+            while not _readable(d.server_app):
+                assert time.monotonic() < deadline
+            d.server_app.recv(1 << 16)
+            d.server_app.close()
+        deadline = time.monotonic() + 10
+        while d.rid is not None:
+            assert time.monotonic() < deadline
+            d.service()
+            select.select([d.relay.fileno()], [], [], 0.05)  # type: ignore[attr-defined]
+        assert d.last_back is not None and d.last_back.why == relays.CLOSED
+    finally:
+        d.client_app, d.server_app = socket.socket(), socket.socket()  # (closed above)
+        d.close()
+    assert not limiter.held("rows:bench_agent") and not limiter.held("queries:bench_agent")
+    assert used(limiter, "rows") == 3
+    assert used(limiter, "queries") == (3 if gone == "client" else 4)
